@@ -1,0 +1,622 @@
+//! The background sender: a thread with its own small tokio runtime that sends jobs
+//! with hyper, retries, spools what it cannot send and replays the spool.
+//!
+//! The delivery path only calls [`Sender::submit`], a non-blocking hand-off into a
+//! bounded queue. The thread never touches Dovecot: its log lines go into a
+//! [`LogQueue`] that Dovecot's thread writes out at the next hook or at deinit.
+//!
+//! Outcomes (as the ox driver's lib-http, but with backoff and a spool):
+//! - 2xx: delivered; a success also starts a replay of that endpoint's spooled events;
+//! - connection errors, timeouts, 408, 429, 5xx: retried `max_retries` times with
+//!   backoff, then spooled;
+//! - any other status: final, logged with the user, not retried.
+//!
+//! [`Sender::shutdown`] (plugin deinit) gives in-flight jobs a bounded time, then spools
+//! whatever is still unsent and joins the thread.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::event::EVENT_ID_HEADER;
+use crate::job::Job;
+use crate::spool::Spool;
+
+/// How many requests one process has in flight at most.
+const MAX_IN_FLIGHT: usize = 128;
+/// First retry delay; doubles per attempt up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const THREAD_STACK: usize = 1024 * 1024;
+const USER_AGENT: &str = concat!("dovepush/", env!("CARGO_PKG_VERSION"));
+
+/// Severity of a queued log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Debug,
+    Info,
+    Warning,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub level: Level,
+    pub text: String,
+}
+
+/// Log lines made off Dovecot's thread, waiting to be written by it.
+#[derive(Debug, Clone, Default)]
+pub struct LogQueue(Arc<Mutex<Vec<LogLine>>>);
+
+impl LogQueue {
+    pub fn push(&self, level: Level, text: String) {
+        let mut lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded: a flood of identical failures must not grow memory without end.
+        if lines.len() < 10_000 {
+            lines.push(LogLine { level, text });
+        }
+    }
+
+    pub fn take(&self) -> Vec<LogLine> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// What one request attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    Delivered(StatusCode),
+    Retry(String),
+    Final(String),
+}
+
+/// Sort an HTTP status into the outcome classes.
+pub fn classify(status: StatusCode) -> Attempt {
+    if status.is_success() {
+        Attempt::Delivered(status)
+    } else if status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+    {
+        Attempt::Retry(format!("HTTP {status}"))
+    } else {
+        Attempt::Final(format!("HTTP {status}"))
+    }
+}
+
+/// Delay before retry number `attempt` (0-based).
+pub fn backoff(attempt: u32) -> Duration {
+    FIRST_BACKOFF
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(MAX_BACKOFF)
+}
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+fn build_client() -> Result<HttpClient, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS setup failed: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(32)
+        .build(https))
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+/// Send `job` once.
+async fn attempt(client: &HttpClient, job: &Job) -> Attempt {
+    let mut request = Request::put(job.endpoint.display_url.as_str())
+        .header("content-type", "application/json; charset=utf-8")
+        .header("user-agent", USER_AGENT)
+        .header(EVENT_ID_HEADER, job.event_id.as_str());
+    if let Some(authorization) = &job.endpoint.authorization {
+        request = request.header("authorization", authorization.as_str());
+    }
+    let request = match request.body(Full::new(Bytes::from(job.body.clone()))) {
+        Ok(request) => request,
+        Err(e) => return Attempt::Final(format!("cannot build the request: {e}")),
+    };
+    let exchange = async {
+        let response = client.request(request).await?;
+        let status = response.status();
+        // Read the (small) answer so the connection can be reused.
+        let _ = response.into_body().collect().await;
+        Ok::<_, hyper_util::client::legacy::Error>(status)
+    };
+    match tokio::time::timeout(job.endpoint.timeout, exchange).await {
+        Err(_) => Attempt::Retry(format!(
+            "no answer within {} ms",
+            job.endpoint.timeout.as_millis()
+        )),
+        Ok(Err(e)) => Attempt::Retry(error_chain(&e)),
+        Ok(Ok(status)) => classify(status),
+    }
+}
+
+/// A job plus the spool it falls back to.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub job: Job,
+    pub spool: Arc<Spool>,
+    /// Log successes too (`dovepush_debug`).
+    pub debug: bool,
+}
+
+struct SpoolState {
+    spool: Arc<Spool>,
+    draining: AtomicBool,
+    /// Set when files may be waiting; cleared by a replay that emptied the spool.
+    maybe_waiting: AtomicBool,
+    last_replay: Mutex<Instant>,
+}
+
+struct Worker {
+    client: HttpClient,
+    logs: LogQueue,
+    limit: Semaphore,
+    pending: Mutex<HashMap<u64, Submission>>,
+    next_key: AtomicU64,
+    spools: Mutex<HashMap<PathBuf, Arc<SpoolState>>>,
+}
+
+impl Worker {
+    fn log(&self, level: Level, text: String) {
+        self.logs.push(level, text);
+    }
+
+    fn spool_state(self: &Arc<Self>, spool: &Arc<Spool>) -> Arc<SpoolState> {
+        let mut spools = self.spools.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(state) = spools.get(spool.dir()) {
+            return state.clone();
+        }
+        let state = Arc::new(SpoolState {
+            spool: spool.clone(),
+            draining: AtomicBool::new(false),
+            maybe_waiting: AtomicBool::new(true),
+            last_replay: Mutex::new(Instant::now()),
+        });
+        spools.insert(spool.dir().to_path_buf(), state.clone());
+        // A spool seen for the first time in this process: replay what earlier
+        // processes left.
+        tokio::spawn(self.clone().replay(state.clone(), None));
+        state
+    }
+
+    fn accept(self: &Arc<Self>, submission: Submission) {
+        let state = self.spool_state(&submission.spool);
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, submission.clone());
+        tokio::spawn(self.clone().deliver(key, submission, state));
+    }
+
+    fn finish(&self, key: u64) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+    }
+
+    fn spool(&self, submission: &Submission, state: &SpoolState, why: &str) {
+        let job = &submission.job;
+        match submission.spool.store(job) {
+            Ok(_) => {
+                state.maybe_waiting.store(true, Ordering::Relaxed);
+                self.log(
+                    Level::Warning,
+                    format!(
+                        "user {}: event {} for {} spooled in {} ({why}); it is sent when the receiver answers again",
+                        job.user,
+                        job.event_id,
+                        job.endpoint.display_url,
+                        submission.spool.dir().display()
+                    ),
+                );
+            }
+            Err(e) => self.log(
+                Level::Error,
+                format!(
+                    "user {}: event {} for {} could not be spooled in {}: {e} (event lost: {why})",
+                    job.user,
+                    job.event_id,
+                    job.endpoint.display_url,
+                    submission.spool.dir().display()
+                ),
+            ),
+        }
+    }
+
+    async fn deliver(self: Arc<Self>, key: u64, submission: Submission, state: Arc<SpoolState>) {
+        let Ok(_permit) = self.limit.acquire().await else {
+            return;
+        };
+        let job = &submission.job;
+        let attempts = job.endpoint.max_retries.saturating_add(1);
+        let mut last_problem = String::new();
+        for n in 0..attempts {
+            match attempt(&self.client, job).await {
+                Attempt::Delivered(status) => {
+                    self.finish(key);
+                    if submission.debug {
+                        self.log(
+                            Level::Info,
+                            format!(
+                                "user {}: event {} sent to {}: {status}",
+                                job.user, job.event_id, job.endpoint.display_url
+                            ),
+                        );
+                    }
+                    if state.maybe_waiting.load(Ordering::Relaxed) {
+                        tokio::spawn(
+                            self.clone()
+                                .replay(state.clone(), Some(job.endpoint.display_url.clone())),
+                        );
+                    }
+                    return;
+                }
+                Attempt::Final(problem) => {
+                    self.finish(key);
+                    self.log(
+                        Level::Error,
+                        format!(
+                            "user {}: {} refused event {}: {problem}; not retried",
+                            job.user, job.endpoint.display_url, job.event_id
+                        ),
+                    );
+                    return;
+                }
+                Attempt::Retry(problem) => {
+                    last_problem = problem;
+                    if n + 1 < attempts {
+                        tokio::time::sleep(backoff(n)).await;
+                    }
+                }
+            }
+        }
+        self.spool(
+            &submission,
+            &state,
+            &format!("{attempts} attempts failed, last: {last_problem}"),
+        );
+        self.finish(key);
+    }
+
+    /// Send spooled events, oldest first (only `endpoint`'s when given). An endpoint
+    /// that fails is skipped for the rest of this round.
+    async fn replay(self: Arc<Self>, state: Arc<SpoolState>, endpoint: Option<String>) {
+        if state.draining.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        *state.last_replay.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        let spool = &state.spool;
+        match spool.enforce_limits() {
+            Ok(dropped) if dropped.too_old + dropped.over_size > 0 => self.log(
+                Level::Error,
+                format!(
+                    "spool {}: dropped {} events older than {:?} and {} beyond the size limit of {} bytes",
+                    spool.dir().display(),
+                    dropped.too_old,
+                    spool.settings.max_age,
+                    dropped.over_size,
+                    spool.settings.max_size
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) => self.log(
+                Level::Error,
+                format!("spool {}: cannot read: {e}", spool.dir().display()),
+            ),
+        }
+        let entries = spool.entries().unwrap_or_default();
+        let mut failing: HashSet<String> = HashSet::new();
+        let (mut sent, mut left) = (0usize, 0usize);
+        for path in entries {
+            let job = match Spool::load(&path) {
+                Ok(job) => job,
+                Err(e) => {
+                    if !e.contains("ermission denied") {
+                        self.log(
+                            Level::Error,
+                            format!(
+                                "spool file {} is unreadable and was set aside: {e}",
+                                path.display()
+                            ),
+                        );
+                        let aside = path.with_file_name(format!(
+                            ".bad-{}",
+                            path.file_name()
+                                .and_then(|n| n.to_str())
+                                .unwrap_or("record")
+                        ));
+                        let _ = std::fs::rename(&path, aside);
+                    } else {
+                        left += 1;
+                    }
+                    continue;
+                }
+            };
+            let url = &job.endpoint.display_url;
+            if endpoint.as_ref().is_some_and(|e| e != url) || failing.contains(url) {
+                left += 1;
+                continue;
+            }
+            match attempt(&self.client, &job).await {
+                Attempt::Delivered(_) => {
+                    Spool::remove(&path);
+                    sent += 1;
+                }
+                Attempt::Final(problem) => {
+                    Spool::remove(&path);
+                    self.log(
+                        Level::Error,
+                        format!(
+                            "user {}: {url} refused spooled event {}: {problem}; dropped",
+                            job.user, job.event_id
+                        ),
+                    );
+                }
+                Attempt::Retry(_) => {
+                    failing.insert(url.clone());
+                    left += 1;
+                }
+            }
+        }
+        if sent > 0 {
+            self.log(
+                Level::Info,
+                format!(
+                    "sent {sent} spooled events from {} ({left} still waiting)",
+                    spool.dir().display()
+                ),
+            );
+        }
+        state.maybe_waiting.store(left > 0, Ordering::Relaxed);
+        state.draining.store(false, Ordering::Release);
+    }
+
+    fn replay_due(self: &Arc<Self>) {
+        let states: Vec<Arc<SpoolState>> = self
+            .spools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for state in states {
+            let due = state
+                .last_replay
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .elapsed()
+                >= state.spool.settings.retry_interval;
+            if due && !state.draining.load(Ordering::Acquire) {
+                tokio::spawn(self.clone().replay(state, None));
+            }
+        }
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        mut jobs: mpsc::Receiver<Submission>,
+        mut stop: oneshot::Receiver<Duration>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let flush = loop {
+            tokio::select! {
+                job = jobs.recv() => match job {
+                    Some(job) => self.accept(job),
+                    None => break Duration::ZERO,
+                },
+                flush = &mut stop => break flush.unwrap_or(Duration::ZERO),
+                _ = tick.tick() => self.replay_due(),
+            }
+        };
+        jobs.close();
+        while let Ok(job) = jobs.try_recv() {
+            self.accept(job);
+        }
+        let deadline = Instant::now() + flush;
+        while Instant::now() < deadline
+            && !self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let unsent: Vec<Submission> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        for submission in &unsent {
+            let state = self.spool_state_quiet(&submission.spool);
+            self.spool(submission, &state, "the process is exiting");
+        }
+    }
+
+    fn spool_state_quiet(&self, spool: &Arc<Spool>) -> Arc<SpoolState> {
+        self.spools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(spool.dir())
+            .cloned()
+            .unwrap_or_else(|| {
+                Arc::new(SpoolState {
+                    spool: spool.clone(),
+                    draining: AtomicBool::new(false),
+                    maybe_waiting: AtomicBool::new(true),
+                    last_replay: Mutex::new(Instant::now()),
+                })
+            })
+    }
+}
+
+/// Handle to the background sender, owned by the plugin on Dovecot's thread.
+pub struct Sender {
+    jobs: mpsc::Sender<Submission>,
+    stop: Option<oneshot::Sender<Duration>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Run `f` with every blockable signal blocked, so a thread spawned inside inherits a
+/// mask that leaves Dovecot's signal handling to Dovecot's thread.
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: plain libc signal-mask calls on valid, local sigset_t values.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let result = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        result
+    }
+}
+
+impl Sender {
+    /// Start the thread and its runtime.
+    pub fn start(queue_size: usize, logs: LogQueue) -> io::Result<Sender> {
+        let client = build_client().map_err(io::Error::other)?;
+        let (jobs_tx, jobs_rx) = mpsc::channel(queue_size);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let worker = Arc::new(Worker {
+            client,
+            logs: logs.clone(),
+            limit: Semaphore::new(MAX_IN_FLIGHT),
+            pending: Mutex::new(HashMap::new()),
+            next_key: AtomicU64::new(0),
+            spools: Mutex::new(HashMap::new()),
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = with_signals_blocked(|| {
+            std::thread::Builder::new()
+                .name("dovepush-sender".into())
+                .stack_size(THREAD_STACK)
+                .spawn(move || {
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        runtime.block_on(worker.run(jobs_rx, stop_rx));
+                    }));
+                    if let Err(payload) = result {
+                        logs.push(
+                            Level::Error,
+                            format!(
+                                "sender thread failed: {}",
+                                dovepush_ffi::guard::payload_text(&*payload)
+                            ),
+                        );
+                    }
+                })
+        })?;
+        Ok(Sender {
+            jobs: jobs_tx,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Hand a job to the thread without waiting. `Err` gives it back when the queue is
+    /// full or the thread is gone; the caller spools it.
+    pub fn submit(&self, submission: Submission) -> Result<(), Submission> {
+        self.jobs.try_send(submission).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s) => s,
+        })
+    }
+
+    /// Give in-flight jobs up to `flush`, spool the rest, join the thread.
+    pub fn shutdown(mut self, flush: Duration) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(flush);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(Duration::ZERO);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        assert_eq!(classify(StatusCode::OK), Attempt::Delivered(StatusCode::OK));
+        assert_eq!(
+            classify(StatusCode::NO_CONTENT),
+            Attempt::Delivered(StatusCode::NO_CONTENT)
+        );
+        for retry in [408, 429, 500, 502, 503, 504] {
+            let status = StatusCode::from_u16(retry).unwrap();
+            assert!(matches!(classify(status), Attempt::Retry(_)), "{retry}");
+        }
+        for fatal in [400, 401, 403, 404, 413, 301] {
+            let status = StatusCode::from_u16(fatal).unwrap();
+            assert!(matches!(classify(status), Attempt::Final(_)), "{fatal}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(0), Duration::from_millis(200));
+        assert_eq!(backoff(1), Duration::from_millis(400));
+        assert_eq!(backoff(10), MAX_BACKOFF);
+        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+    }
+}

@@ -1,0 +1,87 @@
+/* dovepush C shim: the only C code in dovepush.
+ *
+ * It turns Dovecot's macros, inline functions and private structs into a
+ * handful of plain functions with plain types, so that the Rust side needs no
+ * knowledge of Dovecot's struct layouts. Read by both `cc` (to compile the
+ * shim) and bindgen (to declare it to Rust), so the two cannot drift.
+ *
+ * Threading: every function here must be called on Dovecot's own thread only.
+ */
+#ifndef DOVEPUSH_SHIM_H
+#define DOVEPUSH_SHIM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct mail_user;
+struct mailbox;
+struct module;
+
+/* Log levels understood by dovepush_shim_log(). */
+enum dovepush_log_level {
+	DOVEPUSH_LOG_DEBUG = 0,
+	DOVEPUSH_LOG_INFO = 1,
+	DOVEPUSH_LOG_WARNING = 2,
+	DOVEPUSH_LOG_ERROR = 3,
+};
+
+/* Facts copied out of one saved mail. Strings are valid only during the
+ * callback; NULL means "not present" (or could not be read). */
+struct dovepush_saved_mail {
+	const char *from;
+	const char *subject;
+	const char *snippet;
+};
+
+/* Facts of a committed delivery transaction, valid only during the callback. */
+struct dovepush_commit {
+	uint32_t uid_validity;
+	/* UIDs assigned to the transaction's saves, in save order. */
+	const uint32_t *uids;
+	unsigned int uid_count;
+};
+
+/* Rust callbacks. Each one is entered through the Rust panic guard. */
+struct dovepush_callbacks {
+	/* First save of a delivery (POST_SESSION) transaction. Returns an opaque
+	   state for the transaction, or NULL when it is not of interest. */
+	void *(*delivery_begin)(struct mail_user *user, struct mailbox *box);
+	/* A mail was saved in a transaction whose begin returned a state. */
+	void (*mail_saved)(void *state, const struct dovepush_saved_mail *mail);
+	/* The transaction was committed; state is consumed. */
+	void (*delivery_commit)(void *state, struct mail_user *user,
+				struct mailbox *box,
+				const struct dovepush_commit *commit);
+	/* The transaction was rolled back (or its commit failed); state is consumed. */
+	void (*delivery_rollback)(void *state);
+};
+
+/* Register the notify hooks. `module` is the plugin's own module. */
+void dovepush_shim_register(struct module *module,
+			    const struct dovepush_callbacks *callbacks);
+void dovepush_shim_unregister(void);
+
+const char *dovepush_shim_user_name(struct mail_user *user);
+/* Plugin setting from plugin {} or userdb, already %-expanded; NULL if unset. */
+const char *dovepush_shim_user_setting(struct mail_user *user, const char *name);
+bool dovepush_shim_user_mail_debug(struct mail_user *user);
+
+/* The mailbox's virtual name, e.g. "INBOX". */
+const char *dovepush_shim_mailbox_vname(struct mailbox *box);
+
+/* Read a private server attribute (IMAP: mailbox "" entry /private/<key>),
+ * which Dovecot stores on the user's INBOX. Returns 1 found, 0 not set,
+ * -1 error (error_r set). value_r stays valid until the current callback returns. */
+int dovepush_shim_server_metadata(struct mailbox *box, const char *key,
+				  const char **value_r, const char **error_r);
+
+/* Unseen count of the mailbox as committed (index header, no sync). */
+int dovepush_shim_mailbox_unseen(struct mailbox *box, uint32_t *unseen_r,
+				 const char **error_r);
+
+/* Log through Dovecot's logger with the user's log prefix (user may be NULL
+ * for the process prefix). The message is never used as a format string. */
+void dovepush_shim_log(struct mail_user *user, int level, const char *message);
+
+#endif

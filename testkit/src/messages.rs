@@ -1,0 +1,43 @@
+//! Sample mails for delivery tests.
+
+/// A plain mail with an RFC 2047 subject and sender.
+pub fn simple(n: usize) -> Vec<u8> {
+    format!(
+        "From: =?utf-8?q?J=C3=BCrgen?= <juergen@example.net>\r\n\
+         To: alice@example.com\r\n\
+         Subject: Test =?utf-8?q?p=C3=A4iv=C3=A4=C3=A4?= {n}\r\n\
+         Message-ID: <m{n}@example.net>\r\n\
+         Date: Tue, 24 Nov 2026 10:00:00 +0000\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\
+         \r\n\
+         Hello Alice, this is message number {n}.\r\n\
+         > quoted line\r\n\
+         Bye.\r\n"
+    )
+    .into_bytes()
+}
+
+/// Broken encoded-words, 8-bit garbage in headers and body.
+pub fn bad_encoded_words() -> Vec<u8> {
+    let mut m = b"From: =?utf-8?q?=FF=FE?= <x@example.net>\r\nSubject: =?bogus?x?abc?= =?utf-8?b?!!!?= \xff\xfe\xc3(\r\n".to_vec();
+    m.extend_from_slice(
+        b"To: alice@example.com\r\n\r\nbody with \xff\xfe garbage and \x00 NUL\r\n",
+    );
+    m
+}
+
+/// No From header at all.
+pub fn missing_from() -> Vec<u8> {
+    b"To: alice@example.com\r\nSubject: no sender\r\n\r\nbody\r\n".to_vec()
+}
+
+/// A folded, one-megabyte Subject header.
+pub fn huge_subject() -> Vec<u8> {
+    let mut m = b"From: big@example.net\r\nSubject: ".to_vec();
+    for _ in 0..(1024 * 1024 / 64) {
+        m.extend_from_slice(&[b'x'; 62]);
+        m.extend_from_slice(b"\r\n ");
+    }
+    m.extend_from_slice(b"end\r\n\r\nbody\r\n");
+    m
+}

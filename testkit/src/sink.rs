@@ -1,0 +1,206 @@
+//! An HTTP/1.1 notification sink: records every request, answers with a chosen status
+//! after a chosen delay, keeps connections alive. Loopback only.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// One recorded request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub received: Instant,
+}
+
+impl Request {
+    /// A header value (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn event_id(&self) -> Option<&str> {
+        self.header("x-dovepush-event-id")
+    }
+}
+
+struct Shared {
+    requests: Mutex<Vec<Request>>,
+    status: AtomicU16,
+    delay_ms: AtomicU64,
+    stop: AtomicBool,
+}
+
+pub struct Sink {
+    port: u16,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sink {
+    /// Start on a free port.
+    pub fn start() -> Sink {
+        Self::start_on(0).expect("starting the sink")
+    }
+
+    /// Start on `port` (0 = any).
+    pub fn start_on(port: u16) -> io::Result<Sink> {
+        let listener = TcpListener::bind(("127.0.0.1", port))?;
+        let port = listener.local_addr()?.port();
+        let shared = Arc::new(Shared {
+            requests: Mutex::new(Vec::new()),
+            status: AtomicU16::new(200),
+            delay_ms: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let accept_shared = shared.clone();
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if accept_shared.stop.load(Ordering::Acquire) {
+                    break;
+                }
+                if let Ok(stream) = stream {
+                    let shared = accept_shared.clone();
+                    std::thread::spawn(move || {
+                        let _ = serve(stream, &shared);
+                    });
+                }
+            }
+        });
+        Ok(Sink {
+            port,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The ox receiver path on this sink, with `credentials` (`user:pass`) if given.
+    pub fn url(&self, credentials: Option<&str>) -> String {
+        url_for(self.port, credentials)
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.shared.status.store(status, Ordering::Release);
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.shared
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::Release);
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.shared.requests.lock().unwrap().clone()
+    }
+
+    /// Wait until at least `n` requests arrived (or `timeout`); returns all so far.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Request> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let requests = self.requests();
+            if requests.len() >= n || Instant::now() >= deadline {
+                return requests;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The ox receiver URL for a sink on `port`.
+pub fn url_for(port: u16, credentials: Option<&str>) -> String {
+    match credentials {
+        Some(c) => format!("http://{c}@127.0.0.1:{port}/preliminary/http-notify/v1/notify"),
+        None => format!("http://127.0.0.1:{port}/preliminary/http-notify/v1/notify"),
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = request_line.split_whitespace();
+        let method = parts.next().unwrap_or_default().to_string();
+        let path = parts.next().unwrap_or_default().to_string();
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                headers.push((name.trim().to_string(), value.trim().to_string()));
+            }
+        }
+        let length = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body)?;
+        if shared.stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let received = Instant::now();
+        let delay = shared.delay_ms.load(Ordering::Acquire);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
+        let status = shared.status.load(Ordering::Acquire);
+        if (200..300).contains(&status) {
+            shared.requests.lock().unwrap().push(Request {
+                method,
+                path,
+                headers,
+                body,
+                received,
+            });
+        }
+        let answer = "{\"success\":true}";
+        write!(
+            writer,
+            "HTTP/1.1 {status} Sink\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+            answer.len()
+        )?;
+        writer.flush()?;
+    }
+}

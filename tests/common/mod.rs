@@ -1,0 +1,42 @@
+//! Shared setup for the end-to-end tests: a private Dovecot with the dovepush plugin.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use dovepush_testkit::dovecot::{built_plugin, Dovecot, Options};
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Dovecot with `notify dovepush` for lmtp and lda, pointed at `url`, plus `extra`
+/// plugin settings.
+pub fn dovecot_with_dovepush(url: &str, extra: &[(&str, &str)]) -> Dovecot {
+    let mut settings = vec![("dovepush_url".to_string(), url.to_string())];
+    settings.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut dovecot = Dovecot::start(Options {
+        delivery_plugins: "notify dovepush".into(),
+        dovepush_module: Some(built_plugin()),
+        plugin_settings: settings,
+        ..Options::default()
+    })
+    .expect("starting a private Dovecot");
+    // Point the spool into the temp dir unless the test chose one.
+    if !extra.iter().any(|(k, _)| *k == "dovepush_spool_dir") {
+        let spool = dovecot.spool_dir();
+        dovecot = restart_with(dovecot, &[("dovepush_spool_dir", spool.to_str().unwrap())]);
+    }
+    dovecot
+}
+
+/// Add plugin settings to a running instance's config and restart it.
+pub fn restart_with(mut dovecot: Dovecot, settings: &[(&str, &str)]) -> Dovecot {
+    let config = std::fs::read_to_string(dovecot.config_path()).unwrap();
+    let mut lines = String::new();
+    for (k, v) in settings {
+        lines.push_str(&format!("  {k} = {v}\n"));
+    }
+    let config = config.replacen("plugin {\n", &format!("plugin {{\n{lines}"), 1);
+    std::fs::write(dovecot.config_path(), config).unwrap();
+    dovecot.restart().expect("restarting Dovecot");
+    dovecot
+}
