@@ -76,3 +76,101 @@ fn user_without_subscription_gets_no_request_and_no_log_noise() {
         "unexpected dovepush log lines:\n{log}"
     );
 }
+
+#[test]
+fn lda_delivery_notifies() {
+    let sink = Sink::start();
+    let dovecot = dovecot_with_dovepush(&sink.url(None), &[]);
+    dovecot
+        .set_subscription("alice", Some("user=alice"))
+        .unwrap();
+    let (ok, stderr) = dovecot.deliver_lda("alice", &messages::simple(7)).unwrap();
+    assert!(ok, "dovecot-lda failed: {stderr}\n{}", dovecot.log());
+    let requests = sink.wait_for(1, WAIT);
+    assert_eq!(requests.len(), 1, "log:\n{}", dovecot.log());
+    let body = requests[0].json();
+    assert_eq!(body["user"], "alice");
+    assert_eq!(body["imap-uid"], 1);
+    assert_eq!(body["subject"], "Test =?utf-8?q?p=C3=A4iv=C3=A4=C3=A4?= 7");
+}
+
+#[test]
+fn ox_syntax_user_from_metadata_and_two_endpoints() {
+    let first = Sink::start();
+    let second = Sink::start();
+    let line = format!(
+        "ox:url={} user_from_metadata max_retries=2",
+        first.url(None)
+    );
+    let dovecot = dovecot_with_dovepush(&second.url(None), &[("dovepush", &line)]);
+    dovecot
+        .set_subscription("alice", Some("events=x\tuser=3@2"))
+        .unwrap();
+    dovecot
+        .lmtp()
+        .unwrap()
+        .deliver(&["alice@example.com"], &messages::simple(1))
+        .unwrap();
+    let a = first.wait_for(1, WAIT);
+    let b = second.wait_for(1, WAIT);
+    assert_eq!((a.len(), b.len()), (1, 1), "log:\n{}", dovecot.log());
+    // The ox line asked for the METADATA identity, the plain URL did not.
+    assert_eq!(a[0].json()["user"], "3@2");
+    assert_eq!(b[0].json()["user"], "alice@example.com");
+    assert_eq!(a[0].event_id(), b[0].event_id(), "one event, one id");
+}
+
+#[test]
+fn other_mailboxes_only_when_configured() {
+    let sink = Sink::start();
+    let dovecot = dovecot_with_dovepush(&sink.url(None), &[]);
+    let dovecot = common::restart_with_config(
+        dovecot,
+        "recipient_delimiter = +\nlmtp_save_to_detail_mailbox = yes\nlda_mailbox_autocreate = yes\n",
+    );
+    dovecot
+        .set_subscription("alice", Some("user=alice"))
+        .unwrap();
+    let mut lmtp = dovecot.lmtp().unwrap();
+    lmtp.deliver(&["alice+Work@example.com"], &messages::simple(1))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sink.requests().is_empty(), "Work is not watched by default");
+    drop(lmtp);
+
+    let dovecot = common::restart_with(dovecot, &[("dovepush_mailboxes", "INBOX Work")]);
+    let mut lmtp = dovecot.lmtp().unwrap();
+    lmtp.deliver(&["alice+Work@example.com"], &messages::simple(2))
+        .unwrap();
+    let requests = sink.wait_for(1, WAIT);
+    assert_eq!(requests.len(), 1, "log:\n{}", dovecot.log());
+    assert_eq!(requests[0].json()["folder"], "Work");
+    assert_eq!(requests[0].json()["imap-uid"], 2);
+}
+
+#[test]
+fn final_4xx_is_not_retried_and_is_logged_with_the_user() {
+    let sink = Sink::start();
+    sink.set_status(400);
+    let dovecot = dovecot_with_dovepush(&sink.url(None), &[("dovepush_max_retries", "3")]);
+    dovecot
+        .set_subscription("alice", Some("user=alice"))
+        .unwrap();
+    let mut lmtp = dovecot.lmtp().unwrap();
+    lmtp.deliver(&["alice@example.com"], &messages::simple(1))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(sink.attempts(), 1);
+    // Background log lines are written by Dovecot's thread at the next hook.
+    lmtp.deliver(&["alice@example.com"], &messages::simple(2))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let log = dovecot.log();
+    assert!(
+        log.contains("user alice@example.com:")
+            && log.contains("400")
+            && log.contains("not retried"),
+        "log:\n{log}"
+    );
+    assert!(dovepush_testkit::dovecot::spool_files(&dovecot.spool_dir()).is_empty());
+}

@@ -41,3 +41,13 @@ pub fn huge_subject() -> Vec<u8> {
     m.extend_from_slice(b"end\r\n\r\nbody\r\n");
     m
 }
+
+/// Folded headers, HTML-only body, quoted-printable.
+pub fn folded_html() -> Vec<u8> {
+    b"From: \"Carol Example\"\r\n <carol@example.net>\r\nSubject: a folded\r\n\tsubject line\r\nMIME-Version: 1.0\r\nContent-Type: text/html; charset=iso-8859-1\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n<html><body><p>Gr=FC=DFe aus <b>K=F6ln</b></p></body></html>\r\n".to_vec()
+}
+
+/// multipart/alternative with a text part and an HTML part.
+pub fn multipart() -> Vec<u8> {
+    b"From: dave@example.net\r\nSubject: =?ISO-8859-1?B?SWYgeW91IGNhbiByZWFkIHRoaXMgeW8=?=\r\nMIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=XX\r\n\r\n--XX\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nPlain   part\r\n   with spaces\r\n--XX\r\nContent-Type: text/html\r\n\r\n<p>html part</p>\r\n--XX--\r\n".to_vec()
+}

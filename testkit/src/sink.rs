@@ -43,6 +43,7 @@ impl Request {
 
 struct Shared {
     requests: Mutex<Vec<Request>>,
+    attempts: AtomicU64,
     status: AtomicU16,
     delay_ms: AtomicU64,
     stop: AtomicBool,
@@ -66,6 +67,7 @@ impl Sink {
         let port = listener.local_addr()?.port();
         let shared = Arc::new(Shared {
             requests: Mutex::new(Vec::new()),
+            attempts: AtomicU64::new(0),
             status: AtomicU16::new(200),
             delay_ms: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -110,6 +112,12 @@ impl Sink {
             .store(delay.as_millis() as u64, Ordering::Release);
     }
 
+    /// Every request received, whatever it was answered.
+    pub fn attempts(&self) -> u64 {
+        self.shared.attempts.load(Ordering::Acquire)
+    }
+
+    /// The requests answered with a 2xx status.
     pub fn requests(&self) -> Vec<Request> {
         self.shared.requests.lock().unwrap().clone()
     }
@@ -181,6 +189,7 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
             return Ok(());
         }
         let received = Instant::now();
+        shared.attempts.fetch_add(1, Ordering::AcqRel);
         let delay = shared.delay_ms.load(Ordering::Acquire);
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));

@@ -40,3 +40,12 @@ pub fn restart_with(mut dovecot: Dovecot, settings: &[(&str, &str)]) -> Dovecot 
     dovecot.restart().expect("restarting Dovecot");
     dovecot
 }
+
+/// Add top-level config lines to a running instance and restart it.
+pub fn restart_with_config(mut dovecot: Dovecot, lines: &str) -> Dovecot {
+    let mut config = std::fs::read_to_string(dovecot.config_path()).unwrap();
+    config.push_str(lines);
+    std::fs::write(dovecot.config_path(), config).unwrap();
+    dovecot.restart().expect("restarting Dovecot");
+    dovecot
+}

@@ -1,0 +1,218 @@
+//! End to end: push trouble never slows, fails or loses a delivery.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::{dovecot_with_dovepush, WAIT};
+use dovepush_testkit::dovecot::spool_files;
+use dovepush_testkit::free_port;
+use dovepush_testkit::messages;
+use dovepush_testkit::sink::{url_for, Sink};
+
+fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done()
+}
+
+#[test]
+fn receiver_down_for_50_deliveries_then_up_all_arrive_in_the_same_process() {
+    let port = free_port();
+    let dovecot = dovecot_with_dovepush(
+        &url_for(port, None),
+        &[
+            ("dovepush_spool_retry_interval", "1s"),
+            ("dovepush_max_retries", "1"),
+        ],
+    );
+    dovecot
+        .set_subscription("alice", Some("user=alice"))
+        .unwrap();
+    // One connection = one lmtp process for the whole test.
+    let mut lmtp = dovecot.lmtp().unwrap();
+    for n in 0..50 {
+        let latency = lmtp
+            .deliver(&["alice@example.com"], &messages::simple(n))
+            .unwrap();
+        assert!(
+            latency < Duration::from_secs(1),
+            "delivery {n} took {latency:?}"
+        );
+    }
+    let spool = dovecot.spool_dir();
+    assert!(
+        wait_until(WAIT, || spool_files(&spool).len() == 50),
+        "expected 50 spooled events, found {}\n{}",
+        spool_files(&spool).len(),
+        dovecot.log()
+    );
+
+    let sink = Sink::start_on(port).unwrap();
+    let all_arrived = wait_until(WAIT, || {
+        let ids: HashSet<String> = sink
+            .requests()
+            .iter()
+            .filter_map(|r| r.event_id().map(str::to_string))
+            .collect();
+        ids.len() == 50
+    });
+    assert!(
+        all_arrived,
+        "only {} arrived\n{}",
+        sink.requests().len(),
+        dovecot.log()
+    );
+    let uids: HashSet<u64> = sink
+        .requests()
+        .iter()
+        .map(|r| r.json()["imap-uid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(uids, (1..=50).collect::<HashSet<u64>>());
+    assert!(wait_until(WAIT, || spool_files(&spool).is_empty()));
+    // The same connection (and so the same lmtp process) still delivers.
+    lmtp.deliver(&["alice@example.com"], &messages::simple(51))
+        .unwrap();
+    assert!(wait_until(WAIT, || sink.requests().len() >= 51));
+}
+
+#[test]
+fn a_receiver_that_sleeps_5s_does_not_slow_lmtp_replies() {
+    let sink = Sink::start();
+    sink.set_delay(Duration::from_secs(5));
+    let dovecot = dovecot_with_dovepush(&sink.url(None), &[("dovepush_timeout_msecs", "10000")]);
+    dovecot
+        .set_subscription("alice", Some("user=alice"))
+        .unwrap();
+    let mut lmtp = dovecot.lmtp().unwrap();
+    let mut worst = Duration::ZERO;
+    for n in 0..20 {
+        worst = worst.max(
+            lmtp.deliver(&["alice@example.com"], &messages::simple(n))
+                .unwrap(),
+        );
+    }
+    // The stock ox driver would hold each reply for the whole 5 s exchange.
+    assert!(
+        worst < Duration::from_secs(1),
+        "slowest LMTP reply took {worst:?}"
+    );
+    let requests = sink.wait_for(20, Duration::from_secs(30));
+    assert_eq!(requests.len(), 20, "{}", dovecot.log());
+}
+
+#[test]
+fn malformed_mail_delivers_and_notifies() {
+    let sink = Sink::start();
+    let dovecot = dovecot_with_dovepush(&sink.url(None), &[]);
+    dovecot
+        .set_subscription("alice", Some("user=alice"))
+        .unwrap();
+    let mut lmtp = dovecot.lmtp().unwrap();
+    let mails = [
+        messages::bad_encoded_words(),
+        messages::missing_from(),
+        messages::huge_subject(),
+    ];
+    for mail in &mails {
+        lmtp.deliver(&["alice@example.com"], mail).unwrap();
+    }
+    let (ok, stderr) = dovecot
+        .deliver_lda("alice", &messages::huge_subject())
+        .unwrap();
+    assert!(ok, "{stderr}");
+    let requests = sink.wait_for(4, WAIT);
+    assert_eq!(requests.len(), 4, "{}", dovecot.log());
+    let mut by_uid: Vec<serde_json::Value> = requests.iter().map(|r| r.json()).collect();
+    by_uid.sort_by_key(|b| b["imap-uid"].as_u64());
+    assert!(by_uid[0]["subject"].as_str().unwrap().contains('\u{fffd}'));
+    assert!(
+        by_uid[1].get("from").is_none(),
+        "no From header, no from key"
+    );
+    assert_eq!(by_uid[1]["subject"], "no sender");
+    for big in &by_uid[2..] {
+        let subject = big["subject"].as_str().unwrap();
+        assert!(
+            subject.len() <= 4096 && subject.starts_with("xxxx"),
+            "{}",
+            subject.len()
+        );
+    }
+    for r in &requests {
+        assert!(r.body.len() < 16 * 1024);
+    }
+}
+
+#[test]
+fn concurrent_maildir_deliveries_never_carry_uid_0() {
+    let sink = Sink::start();
+    let dovecot = dovecot_with_dovepush(&sink.url(None), &[]);
+    dovecot
+        .set_subscription("alice", Some("user=alice"))
+        .unwrap();
+    let per_connection = 50;
+    std::thread::scope(|scope| {
+        for c in 0..4 {
+            let dovecot = &dovecot;
+            scope.spawn(move || {
+                let mut lmtp = dovecot.lmtp().unwrap();
+                for n in 0..per_connection {
+                    lmtp.deliver(&["alice@example.com"], &messages::simple(c * 1000 + n))
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let requests = sink.wait_for(4 * per_connection, WAIT);
+    assert_eq!(requests.len(), 4 * per_connection, "{}", dovecot.log());
+    let uids: HashSet<u64> = requests
+        .iter()
+        .map(|r| r.json()["imap-uid"].as_u64().unwrap())
+        .collect();
+    assert!(!uids.contains(&0));
+    assert_eq!(uids.len(), 4 * per_connection, "UIDs are distinct");
+}
+
+#[test]
+fn lda_exit_spools_what_it_could_not_send_and_the_next_process_sends_it() {
+    let port = free_port();
+    let dovecot = dovecot_with_dovepush(
+        &url_for(port, None),
+        &[
+            ("dovepush_max_retries", "0"),
+            ("dovepush_timeout_msecs", "500"),
+        ],
+    );
+    dovecot
+        .set_subscription("alice", Some("user=alice"))
+        .unwrap();
+    let started = Instant::now();
+    let (ok, stderr) = dovecot.deliver_lda("alice", &messages::simple(1)).unwrap();
+    assert!(ok, "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let spool = dovecot.spool_dir();
+    assert_eq!(spool_files(&spool).len(), 1, "{}", dovecot.log());
+
+    let sink = Sink::start_on(port).unwrap();
+    // A new process replays the spool on its first delivery.
+    let (ok, _) = dovecot.deliver_lda("alice", &messages::simple(2)).unwrap();
+    assert!(ok);
+    let requests = sink.wait_for(2, WAIT);
+    let uids: HashSet<u64> = requests
+        .iter()
+        .map(|r| r.json()["imap-uid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(uids, HashSet::from([1, 2]), "{}", dovecot.log());
+    assert!(spool_files(&spool).is_empty());
+}
