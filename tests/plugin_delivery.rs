@@ -174,3 +174,37 @@ fn final_4xx_is_not_retried_and_is_logged_with_the_user() {
     );
     assert!(dovepush_testkit::dovecot::spool_files(&dovecot.spool_dir()).is_empty());
 }
+
+#[test]
+fn the_shipped_conf_d_snippet_works_as_is() {
+    let sink = Sink::start();
+    let snippet = concat!(env!("CARGO_MANIFEST_DIR"), "/conf.d/90-dovepush.conf");
+    let mut dovecot =
+        dovepush_testkit::dovecot::Dovecot::start(dovepush_testkit::dovecot::Options {
+            delivery_plugins: String::new(),
+            dovepush_module: Some(dovepush_testkit::dovecot::built_plugin()),
+            extra_config: format!("!include {snippet}\n"),
+            ..Default::default()
+        })
+        .unwrap();
+    let spool = dovecot.spool_dir();
+    dovecot = common::restart_with(
+        dovecot,
+        &[
+            ("dovepush_url", &sink.url(None)),
+            ("dovepush_spool_dir", spool.to_str().unwrap()),
+        ],
+    );
+    dovecot
+        .set_subscription("alice", Some("user=alice-login"))
+        .unwrap();
+    dovecot
+        .lmtp()
+        .unwrap()
+        .deliver(&["alice@example.com"], &messages::simple(1))
+        .unwrap();
+    let requests = sink.wait_for(1, WAIT);
+    assert_eq!(requests.len(), 1, "{}", dovecot.log());
+    // The snippet turns on user_from_metadata.
+    assert_eq!(requests[0].json()["user"], "alice-login");
+}

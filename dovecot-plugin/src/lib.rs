@@ -188,11 +188,11 @@ impl Dovepush {
         subscription.map(|s| s.user)
     }
 
-    fn submit(&mut self, submission: Submission, queue_size: usize, user: &User<'_>) {
+    fn submit(&mut self, submission: Submission, queue_size: usize, log: &dyn Fn(LogLevel, &str)) {
         if self.sender.is_none() {
             match Sender::start(queue_size, self.logs.clone()) {
                 Ok(sender) => self.sender = Some(sender),
-                Err(e) => user.log(
+                Err(e) => log(
                     LogLevel::Error,
                     &format!("cannot start the sender thread: {e}; spooling instead"),
                 ),
@@ -205,7 +205,7 @@ impl Dovepush {
         if let Some(submission) = rejected {
             let job = &submission.job;
             match submission.spool.store(job) {
-                Ok(_) => user.log(
+                Ok(_) => log(
                     LogLevel::Warning,
                     &format!(
                         "send queue full: event {} spooled in {}",
@@ -213,7 +213,7 @@ impl Dovepush {
                         submission.spool.dir().display()
                     ),
                 ),
-                Err(e) => user.log(
+                Err(e) => log(
                     LogLevel::Error,
                     &format!(
                         "send queue full and event {} could not be spooled in {}: {e}",
@@ -285,16 +285,22 @@ impl Plugin for Dovepush {
     fn delivery_commit(
         &mut self,
         delivery: Delivery,
-        user: &User<'_>,
-        mailbox: &Mailbox<'_>,
+        user: Option<&User<'_>>,
+        mailbox: Option<&Mailbox<'_>>,
         commit: &Commit,
     ) {
-        let unseen = match mailbox.unseen() {
-            Ok(n) => Some(n),
-            Err(e) => {
-                user.log(LogLevel::Warning, &format!("unseen count unavailable: {e}"));
+        let username = delivery.username.clone();
+        let log = |level: LogLevel, text: &str| match user {
+            Some(user) => user.log(level, text),
+            None => dovepush_ffi::log(level, &format!("user {username}: {text}")),
+        };
+        let unseen = match mailbox.map(Mailbox::unseen) {
+            Some(Ok(n)) => Some(n),
+            Some(Err(e)) => {
+                log(LogLevel::Warning, &format!("unseen count unavailable: {e}"));
                 None
             }
+            None => None,
         };
         let active = delivery.active.clone();
         for endpoint in &active.endpoints {
@@ -304,12 +310,9 @@ impl Plugin for Dovepush {
         for (i, mail) in delivery.mails.into_iter().enumerate() {
             let uid = commit.uids.get(i).copied().unwrap_or(0);
             if uid == 0 {
-                user.log(
+                log(
                     LogLevel::Warning,
-                    &format!(
-                        "the storage assigned no UID to a mail in {}",
-                        delivery.folder
-                    ),
+                    &format!("no UID could be found for a mail in {}", delivery.folder),
                 );
             }
             let event_id = self.ids.next();
@@ -340,7 +343,7 @@ impl Plugin for Dovepush {
                     spool: active.spool.clone(),
                     debug: active.config.debug,
                 };
-                self.submit(submission, active.config.queue_size, user);
+                self.submit(submission, active.config.queue_size, &log);
             }
         }
     }

@@ -9,6 +9,12 @@
 #include "mail-index.h"
 #include "notify-plugin.h"
 #include "module-dir.h"
+#include "ioloop.h"
+#include "master-service.h"
+#include "mail-storage-service.h"
+#include "hostpid.h"
+
+#include <unistd.h>
 
 #include "dovepush-shim.h"
 
@@ -17,10 +23,39 @@ struct dovepush_txn {
 	struct mailbox *box;
 	void *state;        /* Rust's, NULL when not of interest */
 	bool decided;
+	/* In lmtp, UIDs the storage did not assign at commit are resolved
+	   after the reply (see dovepush_defer()): the saved mails' storage
+	   ids, in save order. */
+	bool defer_uids;
+	pool_t pool;
+	ARRAY_TYPE(const_string) storage_ids;
+
+	/* Set while waiting for deferred UID resolution. */
+	struct dovepush_txn *next;
+	struct mail_storage_service_user *service_user;
+	uid_t euid;
+	const char *vname;
+	uint32_t uid_validity;
 };
 
 static struct notify_context *dovepush_notify_ctx;
 static struct dovepush_callbacks dovepush_cb;
+static struct dovepush_txn *dovepush_pending;
+static struct timeout *dovepush_pending_to;
+
+static void dovepush_txn_free(struct dovepush_txn *txn)
+{
+	pool_unref(&txn->pool);
+	i_free(txn);
+}
+
+/* Can missing UIDs be resolved after the delivery is answered? Only in lmtp,
+   whose ioloop runs on after each DATA reply; dovecot-lda exits instead. */
+static bool dovepush_can_defer(void)
+{
+	return current_ioloop != NULL && master_service != NULL &&
+		strcmp(master_service_get_name(master_service), "lmtp") == 0;
+}
 
 static void *dovepush_txn_begin(struct mailbox_transaction_context *t)
 {
@@ -33,6 +68,8 @@ static void *dovepush_txn_begin(struct mailbox_transaction_context *t)
 		return NULL;
 	txn = i_new(struct dovepush_txn, 1);
 	txn->box = t->box;
+	txn->pool = pool_alloconly_create("dovepush txn", 512);
+	p_array_init(&txn->storage_ids, txn->pool, 4);
 	return txn;
 }
 
@@ -50,16 +87,28 @@ static void dovepush_mail_save(void *txn_ptr, struct mail *mail)
 			txn->state = dovepush_cb.delivery_begin(
 				txn->box->storage->user, txn->box);
 		} T_END;
-		if (txn->state != NULL) {
-			/* Ask the storage to assign UIDs at commit (Maildir
-			   otherwise only try-locks dovecot-uidlist and may
-			   assign none): an app cannot open UID 0. */
+		txn->defer_uids = dovepush_can_defer();
+		if (txn->state != NULL && !txn->defer_uids) {
+			/* An app cannot open UID 0, and Maildir only
+			   try-locks dovecot-uidlist at commit, assigning no
+			   UID when another delivery holds it. Where UIDs
+			   cannot be resolved after the reply (lda), ask the
+			   storage to assign them at commit. */
 			mail->transaction->flags |=
 				MAILBOX_TRANSACTION_FLAG_ASSIGN_UIDS;
 		}
 	}
 	if (txn->state == NULL)
 		return;
+
+	/* Maildir's storage id (the base file name) is known while saving
+	   and is how dovepush_resolve() finds the mail again. Other storages
+	   lock at commit and always assign UIDs. */
+	if (strcmp(mail->box->storage->name, "maildir") != 0 ||
+	    mail_get_special(mail, MAIL_FETCH_STORAGE_ID, &value) < 0)
+		value = "";
+	value = p_strdup(txn->pool, value);
+	array_push_back(&txn->storage_ids, &value);
 
 	T_BEGIN {
 		i_zero(&facts);
@@ -87,6 +136,28 @@ static void dovepush_mail_copy(void *txn_ptr, struct mail *src ATTR_UNUSED,
 	dovepush_mail_save(txn_ptr, dst);
 }
 
+static void dovepush_resolve_pending(void *context ATTR_UNUSED);
+
+/* Keep the transaction's facts until the ioloop runs again (after lmtp has
+   written its reply), then find the UIDs with a fresh mail user (lmtp
+   requires its own to be gone by then). */
+static void dovepush_defer(struct dovepush_txn *txn, uint32_t uid_validity)
+{
+	txn->service_user = txn->box->storage->user->_service_user;
+	if (txn->service_user != NULL)
+		mail_storage_service_user_ref(txn->service_user);
+	txn->euid = geteuid();
+	txn->vname = p_strdup(txn->pool, mailbox_get_vname(txn->box));
+	txn->uid_validity = uid_validity;
+	txn->box = NULL;
+	txn->next = dovepush_pending;
+	dovepush_pending = txn;
+	if (dovepush_pending_to == NULL) {
+		dovepush_pending_to =
+			timeout_add_short(0, dovepush_resolve_pending, NULL);
+	}
+}
+
 static void
 dovepush_txn_commit(void *txn_ptr, struct mail_transaction_commit_changes *changes)
 {
@@ -99,6 +170,18 @@ dovepush_txn_commit(void *txn_ptr, struct mail_transaction_commit_changes *chang
 
 	if (txn == NULL)
 		return;
+	if (txn->state != NULL && txn->defer_uids &&
+	    seq_range_count(&changes->saved_uids) < array_count(&txn->storage_ids)) {
+		uint32_t uid_validity = changes->uid_validity;
+		if (uid_validity == 0) {
+			struct mailbox_status status;
+			mailbox_get_open_status(txn->box, STATUS_UIDVALIDITY,
+						&status);
+			uid_validity = status.uidvalidity;
+		}
+		dovepush_defer(txn, uid_validity);
+		return;
+	}
 	if (txn->state != NULL) T_BEGIN {
 		i_zero(&commit);
 		commit.uid_validity = changes->uid_validity;
@@ -112,12 +195,149 @@ dovepush_txn_commit(void *txn_ptr, struct mail_transaction_commit_changes *chang
 		seq_range_array_iter_init(&iter, &changes->saved_uids);
 		while (seq_range_array_iter_nth(&iter, n++, &uid))
 			array_push_back(&uids, &uid);
-		commit.uids = array_front(&uids);
+		/* array_front() panics on an empty array: a storage may
+		   assign no UIDs at all. */
 		commit.uid_count = array_count(&uids);
+		commit.uids = commit.uid_count == 0 ? NULL : array_front(&uids);
 		dovepush_cb.delivery_commit(txn->state, txn->box->storage->user,
 					     txn->box, &commit);
 	} T_END;
-	i_free(txn);
+	dovepush_txn_free(txn);
+}
+
+/* Maildir file names gain ",S=<size>,W=<vsize>" when they leave tmp/: the
+   part before the first ',' is the file's identity. */
+static bool dovepush_same_maildir_file(const char *a, const char *b)
+{
+	size_t a_len = strcspn(a, ",:"), b_len = strcspn(b, ",:");
+
+	return a_len == b_len && strncmp(a, b, a_len) == 0;
+}
+
+/* Sync a fresh instance of the mailbox (which assigns UIDs to every mail it
+   finds without one) and look the saved mails up by storage id, newest
+   first. */
+static void dovepush_resolve(struct dovepush_txn *txn, struct mail_user *user)
+{
+	struct mail_namespace *ns;
+	struct mailbox *box;
+	struct mailbox_transaction_context *t;
+	struct mail *mail;
+	struct dovepush_commit commit;
+	const char *const *ids;
+	const char *id;
+	unsigned int i, count, found = 0;
+	uint32_t seq, *uids;
+
+	ids = array_get(&txn->storage_ids, &count);
+	uids = t_new(uint32_t, count);
+	ns = mail_namespace_find(user->namespaces, txn->vname);
+	box = mailbox_alloc(ns->list, txn->vname, 0);
+	if (mailbox_sync(box, 0) < 0) {
+		e_error(user->event,
+			"dovepush: mailbox_sync(%s) failed, UIDs unknown: %s",
+			txn->vname, mailbox_get_last_internal_error(box, NULL));
+	} else {
+		t = mailbox_transaction_begin(box, 0, "dovepush uid lookup");
+		mail = mail_alloc(t, 0, NULL);
+		seq = mail_index_view_get_messages_count(box->view);
+		for (; seq > 0 && found < count; seq--) {
+			mail_set_seq(mail, seq);
+			if (mail_get_special(mail, MAIL_FETCH_STORAGE_ID, &id) < 0)
+				continue;
+			for (i = 0; i < count; i++) {
+				if (uids[i] == 0 && *ids[i] != '\0' &&
+				    dovepush_same_maildir_file(ids[i], id)) {
+					uids[i] = mail->uid;
+					found++;
+					break;
+				}
+			}
+		}
+		mail_free(&mail);
+		(void)mailbox_transaction_commit(&t);
+	}
+	i_zero(&commit);
+	commit.uid_validity = txn->uid_validity;
+	commit.uids = uids;
+	commit.uid_count = count;
+	dovepush_cb.delivery_commit(txn->state, user, box, &commit);
+	mailbox_free(&box);
+}
+
+/* Hand the transaction to Rust with the UIDs known at commit (0 for the
+   rest): when no mail user can be had any more. */
+static void dovepush_commit_unresolved(struct dovepush_txn *txn)
+{
+	struct dovepush_commit commit;
+
+	i_zero(&commit);
+	commit.uid_validity = txn->uid_validity;
+	commit.uid_count = array_count(&txn->storage_ids);
+	commit.uids = t_new(uint32_t, commit.uid_count);
+	dovepush_cb.delivery_commit(txn->state, NULL, NULL, &commit);
+}
+
+static void dovepush_resolve_pending(void *context ATTR_UNUSED)
+{
+	struct mail_storage_service_ctx *service_ctx;
+	struct dovepush_txn *txn;
+	struct mail_user *user;
+	const char *error;
+	uid_t old_euid;
+
+	timeout_remove(&dovepush_pending_to);
+	while ((txn = dovepush_pending) != NULL) {
+		dovepush_pending = txn->next;
+		old_euid = geteuid();
+		T_BEGIN {
+			service_ctx = txn->service_user == NULL ? NULL :
+				mail_storage_service_user_get_service_ctx(
+					txn->service_user);
+			/* Like lmtp's own delivery: this switches to the
+			   mail user's uid while the user is in use. */
+			if (service_ctx == NULL) {
+				dovepush_commit_unresolved(txn);
+			} else if (mail_storage_service_next(service_ctx,
+					txn->service_user, &user, &error) < 0) {
+				i_error("dovepush: cannot open the mail user "
+					"to resolve UIDs: %s", error);
+				dovepush_commit_unresolved(txn);
+			} else {
+				dovepush_resolve(txn, user);
+				mail_user_deinit(&user);
+			}
+		} T_END;
+		i_set_failure_prefix("%s(%s): ",
+				     master_service_get_name(master_service),
+				     my_pid);
+		/* Going on as the wrong user is never safe: lmtp itself
+		   fails the same way. */
+		if (geteuid() != old_euid && seteuid(old_euid) < 0)
+			i_fatal("dovepush: seteuid(%s) failed: %m",
+				dec2str(old_euid));
+		if (txn->service_user != NULL)
+			mail_storage_service_user_unref(&txn->service_user);
+		dovepush_txn_free(txn);
+	}
+}
+
+/* At deinit the storage may be half gone: send what is pending with the
+   UIDs known at commit. */
+static void dovepush_flush_pending_unresolved(void)
+{
+	struct dovepush_txn *txn;
+
+	timeout_remove(&dovepush_pending_to);
+	while ((txn = dovepush_pending) != NULL) {
+		dovepush_pending = txn->next;
+		T_BEGIN {
+			dovepush_commit_unresolved(txn);
+		} T_END;
+		if (txn->service_user != NULL)
+			mail_storage_service_user_unref(&txn->service_user);
+		dovepush_txn_free(txn);
+	}
 }
 
 static void dovepush_txn_rollback(void *txn_ptr)
@@ -128,7 +348,7 @@ static void dovepush_txn_rollback(void *txn_ptr)
 		return;
 	if (txn->state != NULL)
 		dovepush_cb.delivery_rollback(txn->state);
-	i_free(txn);
+	dovepush_txn_free(txn);
 }
 
 static const struct notify_vfuncs dovepush_vfuncs = {
@@ -148,6 +368,9 @@ void dovepush_shim_register(struct module *module ATTR_UNUSED,
 
 void dovepush_shim_unregister(void)
 {
+	/* Deliveries still waiting for their UIDs (the process is exiting
+	   right after a delivery). */
+	dovepush_flush_pending_unresolved();
 	if (dovepush_notify_ctx != NULL) {
 		notify_unregister(dovepush_notify_ctx);
 		dovepush_notify_ctx = NULL;

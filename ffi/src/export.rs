@@ -104,15 +104,18 @@ unsafe extern "C" fn delivery_commit<P: Plugin>(
     // SAFETY: `state` came from `delivery_begin::<P>`; the shim hands it over exactly once.
     let delivery = unsafe { Box::from_raw(state.cast::<P::Delivery>()) };
     guard::run("delivery commit", (), move || {
-        // SAFETY: live user and mailbox, and a valid commit struct for this call.
+        // SAFETY: user and mailbox are live or NULL (a delivery whose UIDs could not
+        // be resolved at process exit); the commit struct is valid for this call.
         let (user, mailbox, commit) = unsafe {
             (
-                User::from_raw(user),
-                Mailbox::from_raw(mailbox),
+                (!user.is_null()).then(|| User::from_raw(user)),
+                (!mailbox.is_null()).then(|| Mailbox::from_raw(mailbox)),
                 Commit::from_raw(commit),
             )
         };
-        with_plugin::<P, _>(|p| p.delivery_commit(*delivery, &user, &mailbox, &commit));
+        with_plugin::<P, _>(|p| {
+            p.delivery_commit(*delivery, user.as_ref(), mailbox.as_ref(), &commit)
+        });
     })
 }
 

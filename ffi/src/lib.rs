@@ -62,12 +62,15 @@ pub trait Plugin: Send + Sized + 'static {
     fn delivery_begin(&mut self, user: &User<'_>, mailbox: &Mailbox<'_>) -> Option<Self::Delivery>;
     /// A mail was saved in a followed delivery.
     fn mail_saved(&mut self, delivery: &mut Self::Delivery, mail: &SavedMail);
-    /// The delivery's transaction committed.
+    /// The delivery's transaction committed. In lmtp this may come after the
+    /// delivery was answered, once UIDs the storage did not assign at commit are
+    /// resolved; `user` and `mailbox` are `None` only when that was impossible (the
+    /// process exited first), and then unknown UIDs are 0.
     fn delivery_commit(
         &mut self,
         delivery: Self::Delivery,
-        user: &User<'_>,
-        mailbox: &Mailbox<'_>,
+        user: Option<&User<'_>>,
+        mailbox: Option<&Mailbox<'_>>,
         commit: &Commit,
     );
     /// The delivery's transaction was rolled back, or its commit failed.
