@@ -43,7 +43,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
 
-fn one_run(plugin: Plugin, delay: Duration, n: usize, connections: usize, spread: bool) -> Run {
+fn one_run(
+    plugin: Plugin,
+    delay: Duration,
+    subscribed: bool,
+    n: usize,
+    connections: usize,
+    spread: bool,
+) -> Run {
     let sink = Sink::start();
     sink.set_delay(delay);
     let mut options = Options {
@@ -80,7 +87,7 @@ fn one_run(plugin: Plugin, delay: Duration, n: usize, connections: usize, spread
         std::fs::write(dovecot.config_path(), config).unwrap();
         dovecot.restart().unwrap();
     }
-    for user in USERS {
+    for user in USERS.iter().filter(|_| subscribed) {
         dovecot
             .set_subscription(user, Some(&format!("user={user}")))
             .unwrap();
@@ -113,7 +120,11 @@ fn one_run(plugin: Plugin, delay: Duration, n: usize, connections: usize, spread
     let elapsed = started.elapsed();
     let mut latencies = latencies.into_inner().unwrap();
     latencies.sort();
-    let expected = if plugin == Plugin::None { 0 } else { n };
+    let expected = if plugin == Plugin::None || !subscribed {
+        0
+    } else {
+        n
+    };
     let requests = sink.wait_for(expected, Duration::from_secs(60));
     let uid_zero = requests
         .iter()
@@ -137,35 +148,69 @@ fn main() {
     let n = env_usize("DOVEPUSH_BENCH_N", 2000);
     let connections = env_usize("DOVEPUSH_BENCH_CONNECTIONS", 4);
     let runs = env_usize("DOVEPUSH_BENCH_RUNS", 3);
-    let variants = [
-        ("no push plugin", Plugin::None, Duration::ZERO),
+    let fast = Duration::ZERO;
+    let slow = Duration::from_millis(50);
+    let all: Vec<Variant> = vec![
+        ("no push plugin", Plugin::None, fast, false),
+        (
+            "stock ox driver, user not subscribed",
+            Plugin::Ox,
+            fast,
+            false,
+        ),
         (
             "stock ox driver, receiver answers at once",
             Plugin::Ox,
-            Duration::ZERO,
+            fast,
+            true,
         ),
         (
             "stock ox driver, receiver takes 50 ms",
             Plugin::Ox,
-            Duration::from_millis(50),
+            slow,
+            true,
+        ),
+        (
+            "dovepush, user not subscribed",
+            Plugin::Dovepush,
+            fast,
+            false,
         ),
         (
             "dovepush, receiver answers at once",
             Plugin::Dovepush,
-            Duration::ZERO,
+            fast,
+            true,
         ),
         (
             "dovepush, receiver takes 50 ms",
             Plugin::Dovepush,
-            Duration::from_millis(50),
+            slow,
+            true,
         ),
     ];
-    for spread in [false, true] {
+    // DOVEPUSH_BENCH_ONLY=5,6 runs only those rows (row 0, the baseline, always runs).
+    let only: Option<Vec<usize>> = std::env::var("DOVEPUSH_BENCH_ONLY")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect());
+    let variants: Vec<Variant> = all
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i == 0 || only.as_ref().is_none_or(|o| o.contains(i)))
+        .map(|(_, v)| v)
+        .collect();
+    // DOVEPUSH_BENCH_SPREAD=one|spread|both (default both).
+    let spreads: Vec<bool> = match std::env::var("DOVEPUSH_BENCH_SPREAD").as_deref() {
+        Ok("one") => vec![false],
+        Ok("spread") => vec![true],
+        _ => vec![false, true],
+    };
+    for spread in spreads {
         table(&variants, n, connections, runs, spread);
     }
 }
 
-type Variant = (&'static str, Plugin, Duration);
+type Variant = (&'static str, Plugin, Duration, bool);
 
 fn table(variants: &[Variant], n: usize, connections: usize, runs: usize, spread: bool) {
     let mailboxes = if spread {
@@ -180,11 +225,18 @@ fn table(variants: &[Variant], n: usize, connections: usize, runs: usize, spread
     // Interleave the variants run by run so machine noise spreads over all of them.
     let mut results: Vec<Vec<Run>> = variants.iter().map(|_| Vec::new()).collect();
     for _ in 0..runs {
-        for (i, (_, plugin, delay)) in variants.iter().enumerate() {
-            results[i].push(one_run(*plugin, *delay, n, connections, spread));
+        for (i, (_, plugin, delay, subscribed)) in variants.iter().enumerate() {
+            results[i].push(one_run(
+                *plugin,
+                *delay,
+                *subscribed,
+                n,
+                connections,
+                spread,
+            ));
         }
     }
-    for ((name, _, _), runs) in variants.iter().zip(&results) {
+    for ((name, _, _, _), runs) in variants.iter().zip(&results) {
         let rate = median(runs.iter().map(|r| r.per_second).collect());
         let p50 = median(runs.iter().map(|r| r.p50.as_secs_f64() * 1000.0).collect());
         let p99 = median(runs.iter().map(|r| r.p99.as_secs_f64() * 1000.0).collect());
