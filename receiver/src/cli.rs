@@ -1,0 +1,440 @@
+//! The command line: `serve`, `check-config`, `subscriptions list`, `queue list|retry|drop`.
+//!
+//! Exit codes: 0 success, 64 (EX_USAGE) for a bad config (every bad key named with its
+//! file), 2 for bad arguments (clap), 1 for anything else. Operator commands open the store
+//! file directly (safe while the server runs: SQLite WAL, a busy timeout, and no recovery
+//! of the server's in-flight items).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::domain::device::shorten_token;
+use crate::domain::{format_millis, now_millis};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, UserStatus};
+use crate::transport::Transports;
+
+/// Exit code for configuration errors (sysexits EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dovepush-receiver",
+    version,
+    about = "Dovecot push notification receiver"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the receiver.
+    Serve {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate the config file and exit.
+    CheckConfig {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Registered devices per user.
+    Subscriptions {
+        #[command(subcommand)]
+        action: SubscriptionsCommand,
+    },
+    /// The durable outbox.
+    Queue {
+        #[command(subcommand)]
+        action: QueueCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SubscriptionsCommand {
+    /// List users with their devices (as `GET /v1/status/subscriptions`).
+    List {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this user.
+        #[arg(long, value_name = "U")]
+        user: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// List outbox items, oldest due first.
+    List {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a pending item due now.
+    Retry {
+        id: i64,
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Delete an item.
+    Drop {
+        id: i64,
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+/// The binary's `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::telemetry::init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(execute(cli.command))
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("Invalid configuration:\n{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn open_store(config: &Config) -> Result<SqliteStore, ExitCode> {
+    SqliteStore::open_existing(&config.store.path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs one command.
+pub async fn execute(command: Command) -> ExitCode {
+    match run_command(command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
+}
+
+async fn run_command(command: Command) -> Result<(), ExitCode> {
+    match command {
+        Command::CheckConfig { config } => {
+            let c = load(&config)?;
+            println!("{}: OK", c.source.display());
+            Ok(())
+        }
+        Command::Serve { config } => serve(load(&config)?).await,
+        Command::Subscriptions {
+            action: SubscriptionsCommand::List { config, user, json },
+        } => {
+            let store = open_store(&load(&config)?)?;
+            let users = store.subscriptions(user).await.map_err(|e| {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            })?;
+            if json {
+                let v = crate::http::status::subscriptions_json(&users);
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", subscriptions_table(&users));
+            }
+            Ok(())
+        }
+        Command::Queue { action } => queue(action).await,
+    }
+}
+
+async fn serve(config: Config) -> Result<(), ExitCode> {
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| {
+            eprintln!("cannot listen on {}: {e}", config.server.listen);
+            ExitCode::FAILURE
+        })?;
+    let addr = listener.local_addr().map_err(|_| ExitCode::FAILURE)?;
+    let scheme = if config.server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    // One line on stdout once the port accepts (tests and scripts wait for it).
+    println!("dovepush-receiver listening on {scheme}://{addr}");
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    crate::run(listener, config, Transports::new(), shutdown_signal())
+        .await
+        .map_err(|e| {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn queue(action: QueueCommand) -> Result<(), ExitCode> {
+    let fail = |e: crate::store::StoreError| {
+        eprintln!("{e}");
+        ExitCode::FAILURE
+    };
+    match action {
+        QueueCommand::List {
+            config,
+            limit,
+            json,
+        } => {
+            let store = open_store(&load(&config)?)?;
+            let items = store.queue_list(limit).await.map_err(fail)?;
+            if json {
+                let v: Vec<_> = items
+                    .iter()
+                    .map(|q| {
+                        serde_json::json!({
+                            "id": q.id,
+                            "user": q.user,
+                            "app": q.app,
+                            "transport": q.transport,
+                            "token": shorten_token(&q.token),
+                            "state": if q.in_flight { "in-flight" } else { "pending" },
+                            "attempts": q.attempts,
+                            "created": format_millis(q.created_at),
+                            "due": format_millis(q.due_at),
+                            "last_error": q.last_error,
+                            "event_id": q.event_id,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                let mut rows = vec![row(&[
+                    "ID",
+                    "USER",
+                    "APP",
+                    "TRANSPORT",
+                    "TOKEN",
+                    "STATE",
+                    "ATTEMPTS",
+                    "DUE",
+                    "LAST ERROR",
+                ])];
+                for q in &items {
+                    rows.push(vec![
+                        q.id.to_string(),
+                        q.user.clone(),
+                        q.app.clone(),
+                        q.transport.clone(),
+                        shorten_token(&q.token),
+                        if q.in_flight { "in-flight" } else { "pending" }.to_owned(),
+                        q.attempts.to_string(),
+                        format_millis(q.due_at),
+                        q.last_error.clone().unwrap_or_else(|| "-".into()),
+                    ]);
+                }
+                print!("{}", table(&rows));
+            }
+            Ok(())
+        }
+        QueueCommand::Retry { id, config } => {
+            let store = open_store(&load(&config)?)?;
+            if store.queue_retry(id, now_millis()).await.map_err(fail)? {
+                println!("item {id} is due now");
+                Ok(())
+            } else {
+                eprintln!("no pending item {id}");
+                Err(ExitCode::FAILURE)
+            }
+        }
+        QueueCommand::Drop { id, config } => {
+            let store = open_store(&load(&config)?)?;
+            if store.queue_drop(id).await.map_err(fail)? {
+                println!("item {id} dropped");
+                Ok(())
+            } else {
+                eprintln!("no item {id}");
+                Err(ExitCode::FAILURE)
+            }
+        }
+    }
+}
+
+fn row(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|s| s.to_string()).collect()
+}
+
+/// The subscriptions listing as a text table (one line per device).
+pub fn subscriptions_table(users: &[UserStatus]) -> String {
+    let mut rows = vec![row(&[
+        "USER",
+        "APP",
+        "TRANSPORT",
+        "TOKEN",
+        "CREATED",
+        "LAST SUCCESS",
+        "LAST ERROR",
+        "PENDING",
+    ])];
+    let opt_time = |t: Option<i64>| t.map(format_millis).unwrap_or_else(|| "-".into());
+    for u in users {
+        if u.devices.is_empty() {
+            rows.push(vec![
+                u.user.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                u.last_error.clone().unwrap_or_else(|| "-".into()),
+                "0".into(),
+            ]);
+        }
+        for d in &u.devices {
+            rows.push(vec![
+                u.user.clone(),
+                d.app.clone(),
+                d.transport.as_str().to_owned(),
+                shorten_token(&d.token),
+                format_millis(d.created_at),
+                opt_time(d.last_success_at),
+                d.last_error
+                    .clone()
+                    .or_else(|| u.last_error.clone())
+                    .unwrap_or_else(|| "-".into()),
+                d.pending.to_string(),
+            ]);
+        }
+    }
+    table(&rows)
+}
+
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.first().map(Vec::len).unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| format!("{cell:<width$}", width = widths[i]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::device::Device;
+    use crate::transport::{Privacy, TransportKind};
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "dovepush-receiver",
+            "subscriptions",
+            "list",
+            "--config",
+            "c.toml",
+            "--user",
+            "alice",
+            "--json",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Subscriptions {
+                action: SubscriptionsCommand::List { json: true, .. }
+            }
+        ));
+        let cli =
+            Cli::try_parse_from(["dovepush-receiver", "queue", "retry", "7", "--config", "c"])
+                .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Queue {
+                action: QueueCommand::Retry { id: 7, .. }
+            }
+        ));
+    }
+
+    #[test]
+    fn table_lists_devices_and_users_without_devices() {
+        let users = vec![
+            UserStatus {
+                user: "alice".into(),
+                last_error: None,
+                last_error_at: None,
+                devices: vec![Device {
+                    id: 1,
+                    user: "alice".into(),
+                    app: "mail".into(),
+                    transport: TransportKind::Apns,
+                    token: "0123456789abcdef0123456789".into(),
+                    mailboxes: vec!["INBOX".into()],
+                    privacy: Privacy::Full,
+                    created_at: 0,
+                    last_success_at: None,
+                    last_error: None,
+                    last_error_at: None,
+                    pending: 2,
+                }],
+            },
+            UserStatus {
+                user: "bob".into(),
+                last_error: Some("Unregistered".into()),
+                last_error_at: Some(0),
+                devices: vec![],
+            },
+        ];
+        let t = subscriptions_table(&users);
+        let lines: Vec<_> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("USER"));
+        assert!(lines[1].contains("012345…456789"));
+        assert!(!lines[1].contains("0123456789abcdef0123456789"));
+        assert!(lines[1].trim_end().ends_with('2'));
+        assert!(lines[2].contains("Unregistered"));
+    }
+}

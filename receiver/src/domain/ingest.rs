@@ -1,0 +1,68 @@
+//! Accepting a new-mail event: one durable commit of the event and its outbox items, then
+//! counting it and waking the dispatcher.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::event::NewMailEvent;
+use crate::store::{IngestOutcome, Store, StoreError};
+use crate::telemetry::Metrics;
+
+/// The ingest service.
+pub struct Ingest {
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    coalesce: Duration,
+    wake: Arc<Notify>,
+}
+
+impl Ingest {
+    /// `coalesce` is how long a new outbox item waits for more events; `wake` is the
+    /// dispatcher's.
+    pub fn new(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        coalesce: Duration,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            store,
+            metrics,
+            coalesce,
+            wake,
+        }
+    }
+
+    /// Commits `event`; resolves once it is durable.
+    pub async fn accept(&self, event: NewMailEvent) -> Result<IngestOutcome, StoreError> {
+        let user = event.user.clone();
+        let event_id = event.event_id.clone();
+        let due_at = event.received_at + self.coalesce.as_millis() as i64;
+        let outcome = self.store.ingest(event, due_at).await?;
+        let m = &self.metrics;
+        if outcome.duplicate {
+            Metrics::add(&m.duplicates, 1);
+            tracing::debug!(user = %user, event_id = ?event_id, "Duplicate notification ignored.");
+            return Ok(outcome);
+        }
+        Metrics::add(&m.ingested, 1);
+        if outcome.matched_devices == 0 {
+            Metrics::add(&m.dropped_no_device, 1);
+            tracing::debug!(user = %user, event_id = ?event_id, "No device follows this folder; event dropped.");
+        } else {
+            Metrics::add(&m.queued, u64::from(outcome.queued));
+            Metrics::add(&m.coalesced, u64::from(outcome.coalesced));
+            tracing::debug!(
+                user = %user,
+                event_id = ?event_id,
+                queued = outcome.queued,
+                coalesced = outcome.coalesced,
+                "Notification queued."
+            );
+            self.wake.notify_one();
+        }
+        Ok(outcome)
+    }
+}

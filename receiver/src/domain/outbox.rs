@@ -1,0 +1,514 @@
+//! The outbox: the retry policy (exponential backoff with jitter, a deadline) and the
+//! [`Dispatcher`] that claims due items from the store, sends them through the injected
+//! transports and records each [`Outcome`] as a [`Completion`].
+//!
+//! Delivery is at-least-once: an item stays in the store until its completion is
+//! committed, and items left in flight by a crash are sent again after a restart.
+//! Coalescing happens at ingest (a pending item absorbs newer events), so one push
+//! carries the newest content and unseen count.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+
+use super::{jitter_unit, now_millis};
+use crate::config::OutboxConfig;
+use crate::domain::device::shorten_token;
+use crate::mailserver::{MailError, MailServer};
+use crate::store::{Completed, Completion, OutboxItem, Store};
+use crate::telemetry::{FailureClass, Metrics};
+use crate::transport::{Outcome, Push, Transports};
+
+/// Most items claimed per store round trip.
+pub const CLAIM_BATCH: usize = 256;
+/// Longest the dispatcher sleeps without looking at the store (picks up CLI retries).
+pub const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Overall bound on one transport call.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Retry timing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+    /// Items older than this (since their newest event) are dropped.
+    pub deadline: Duration,
+}
+
+/// What to record for one sent (or expired) item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub completion: Completion,
+    /// The metric class when it was not a delivery.
+    pub failure: Option<FailureClass>,
+}
+
+impl RetryPolicy {
+    pub fn from_config(c: &OutboxConfig) -> Self {
+        Self {
+            initial: c.retry_initial,
+            max: c.retry_max,
+            deadline: c.deadline,
+        }
+    }
+
+    /// Delay before the next attempt after `failures` failed ones: `initial · 2^failures`
+    /// capped at `max`, then scaled into [50 %, 100 %) by `jitter` ∈ [0, 1).
+    pub fn backoff(&self, failures: u32, jitter: f64) -> Duration {
+        let base = self.initial.as_secs_f64() * 2f64.powi(failures.min(40) as i32);
+        let capped = base.min(self.max.as_secs_f64());
+        Duration::from_secs_f64(capped * (0.5 + 0.5 * jitter.clamp(0.0, 1.0)))
+    }
+
+    /// True when `item` is past its deadline at `now`.
+    pub fn expired(&self, item: &OutboxItem, now: i64) -> bool {
+        now > item.created_at + self.deadline.as_millis() as i64
+    }
+
+    /// Turns a transport outcome into what the store records.
+    pub fn decide(
+        &self,
+        item: &OutboxItem,
+        outcome: Outcome,
+        now: i64,
+        jitter: f64,
+        retry_class: FailureClass,
+    ) -> Decision {
+        let retry = |reason: String, after: Option<Duration>, class: FailureClass| {
+            let delay = after.unwrap_or_else(|| self.backoff(item.attempts, jitter));
+            let due_at = now + delay.as_millis() as i64;
+            if due_at > item.created_at + self.deadline.as_millis() as i64 {
+                Decision {
+                    completion: Completion::Drop {
+                        reason: format!(
+                            "deadline exceeded after {} attempts: {reason}",
+                            item.attempts + 1
+                        ),
+                    },
+                    failure: Some(FailureClass::Deadline),
+                }
+            } else {
+                Decision {
+                    completion: Completion::Retry { due_at, reason },
+                    failure: Some(class),
+                }
+            }
+        };
+        match outcome {
+            Outcome::Delivered => Decision {
+                completion: Completion::Delivered,
+                failure: None,
+            },
+            Outcome::DeleteDevice { reason } => Decision {
+                completion: Completion::DeleteDevice { reason },
+                failure: Some(FailureClass::DeleteDevice),
+            },
+            Outcome::Drop { reason } => Decision {
+                completion: Completion::Drop { reason },
+                failure: Some(FailureClass::Drop),
+            },
+            Outcome::Retry { reason, after } => retry(reason, after, retry_class),
+            Outcome::CredentialsRejected { reason } => retry(
+                format!("provider credentials rejected: {reason}"),
+                None,
+                FailureClass::CredentialsRejected,
+            ),
+        }
+    }
+}
+
+/// Builds the transport's view of an item.
+pub fn push_for(item: &OutboxItem) -> Push {
+    let c = &item.content;
+    let d = &item.device;
+    let collapse = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("{}\0{}", d.user, c.folder).as_bytes(),
+    );
+    let collapse_id: String = collapse.as_ref()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Push {
+        id: item.id,
+        app: d.app.clone(),
+        transport: d.transport,
+        token: d.token.clone(),
+        privacy: d.privacy,
+        user: d.user.clone(),
+        event_id: c.event_id.clone(),
+        folder: c.folder.clone(),
+        uidvalidity: c.uidvalidity,
+        uid: c.uid,
+        from: c.from.clone(),
+        subject: c.subject.clone(),
+        snippet: c.snippet.clone(),
+        unseen: c.unseen,
+        coalesced: c.coalesced,
+        collapse_id,
+    }
+}
+
+/// Drives the outbox until shut down.
+pub struct Dispatcher {
+    pub store: Arc<dyn Store>,
+    pub transports: Transports,
+    pub policy: RetryPolicy,
+    pub metrics: Arc<Metrics>,
+    pub mail: Arc<dyn MailServer>,
+    /// Notified by ingest when new items were queued.
+    pub wake: Arc<Notify>,
+    pub concurrency: usize,
+    pub send_timeout: Duration,
+}
+
+impl Dispatcher {
+    /// Runs until `shutdown` turns true, then waits (bounded) for pushes in flight.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let this = Arc::new(self);
+        let permits = Arc::new(Semaphore::new(this.concurrency));
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Completed>();
+        let mut batch: Vec<Completed> = Vec::new();
+        let mut stopping = *shutdown.borrow();
+        let mut stop_deadline = None;
+        loop {
+            while let Ok(c) = done_rx.try_recv() {
+                batch.push(c);
+            }
+            if !batch.is_empty() {
+                this.record(std::mem::take(&mut batch)).await;
+            }
+            let in_flight = this.concurrency - permits.available_permits();
+            if stopping {
+                let deadline = *stop_deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_secs(5));
+                if in_flight == 0 || tokio::time::Instant::now() >= deadline {
+                    if in_flight > 0 {
+                        tracing::warn!(
+                            in_flight,
+                            "Stopping with pushes in flight; they will be retried after restart."
+                        );
+                    }
+                    return;
+                }
+                tokio::select! {
+                    Some(c) = done_rx.recv() => batch.push(c),
+                    _ = tokio::time::sleep_until(deadline) => {}
+                }
+                continue;
+            }
+
+            let free = permits.available_permits();
+            let mut more_due = false;
+            if free > 0 {
+                let limit = free.min(CLAIM_BATCH);
+                match this.store.claim_due(now_millis(), limit).await {
+                    Ok(items) => {
+                        more_due = items.len() == limit;
+                        for item in items {
+                            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                                break;
+                            };
+                            let this = this.clone();
+                            let done_tx = done_tx.clone();
+                            tokio::spawn(async move {
+                                let completed = this.send_one(item).await;
+                                let _ = done_tx.send(completed);
+                                drop(permit);
+                            });
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "Cannot claim outbox items."),
+                }
+            }
+            if more_due && permits.available_permits() > 0 {
+                continue;
+            }
+            let sleep_for = if permits.available_permits() == 0 {
+                IDLE_POLL
+            } else {
+                match this.store.next_due_at().await {
+                    Ok(Some(due)) => {
+                        Duration::from_millis((due - now_millis()).clamp(0, 1000) as u64)
+                    }
+                    Ok(None) => IDLE_POLL,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Cannot read the outbox.");
+                        IDLE_POLL
+                    }
+                }
+            };
+            if sleep_for.is_zero() && permits.available_permits() > 0 {
+                continue;
+            }
+            tokio::select! {
+                _ = this.wake.notified() => {}
+                Some(c) = done_rx.recv() => batch.push(c),
+                _ = tokio::time::sleep(sleep_for) => {}
+                _ = shutdown.changed() => stopping = true,
+            }
+        }
+    }
+
+    async fn send_one(&self, item: OutboxItem) -> Completed {
+        let now = now_millis();
+        let kind = item.device.transport;
+        let user = item.device.user.clone();
+        let event_id = item.content.event_id.clone();
+        let decision = if self.policy.expired(&item, now) {
+            Decision {
+                completion: Completion::Drop {
+                    reason: format!("deadline exceeded after {} attempts", item.attempts),
+                },
+                failure: Some(FailureClass::Deadline),
+            }
+        } else {
+            let push = push_for(&item);
+            let (outcome, retry_class) = match self.transports.get(&push.app, kind) {
+                None => (
+                    Outcome::Retry {
+                        reason: format!("no transport configured for app {} ({kind})", push.app),
+                        after: None,
+                    },
+                    FailureClass::NoTransport,
+                ),
+                Some(t) => match tokio::time::timeout(self.send_timeout, t.send(&push)).await {
+                    Ok(o) => (o, FailureClass::Retry),
+                    Err(_) => (
+                        Outcome::Retry {
+                            reason: "transport timed out".into(),
+                            after: None,
+                        },
+                        FailureClass::Timeout,
+                    ),
+                },
+            };
+            if let Outcome::CredentialsRejected { reason } = &outcome {
+                tracing::error!(
+                    app = %push.app,
+                    transport = %kind,
+                    reason = %reason,
+                    "ALERT: the push provider rejected our credentials; items are kept and retried."
+                );
+            }
+            self.policy
+                .decide(&item, outcome, now_millis(), jitter_unit(), retry_class)
+        };
+        match decision.failure {
+            None => {
+                self.metrics.sent(kind);
+                tracing::debug!(user = %user, event_id = ?event_id, transport = %kind, "Push delivered.");
+            }
+            Some(class) => {
+                self.metrics.failed(kind, class);
+                tracing::info!(
+                    user = %user,
+                    event_id = ?event_id,
+                    transport = %kind,
+                    token = %shorten_token(&item.device.token),
+                    outcome = class.as_str(),
+                    completion = ?decision.completion,
+                    "Push not delivered."
+                );
+            }
+        }
+        Completed {
+            item_id: item.id,
+            device_id: item.device.id,
+            user,
+            at: now_millis(),
+            completion: decision.completion,
+        }
+    }
+
+    async fn record(&self, batch: Vec<Completed>) {
+        match self.store.complete(batch).await {
+            Ok(outcome) => {
+                for user in outcome.users_without_devices {
+                    let mail = self.mail.clone();
+                    tokio::spawn(async move {
+                        match mail.clear_subscription_as_master(&user).await {
+                            Ok(()) => {
+                                tracing::info!(user = %user, "Last device removed; subscription METADATA cleared.")
+                            }
+                            Err(MailError::NoMasterUser) => tracing::info!(
+                                user = %user,
+                                "Last device removed; no master user to clear the METADATA (events will be dropped)."
+                            ),
+                            Err(e) => {
+                                tracing::warn!(user = %user, error = %e, "Cannot clear the subscription METADATA.")
+                            }
+                        }
+                    });
+                }
+            }
+            // The items stay in flight and are retried after a restart.
+            Err(e) => tracing::error!(error = %e, "Cannot record push outcomes."),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::device::Device;
+    use crate::domain::event::PushContent;
+    use crate::transport::{Privacy, TransportKind};
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            deadline: Duration::from_secs(3600),
+        }
+    }
+
+    fn item(attempts: u32, created_at: i64) -> OutboxItem {
+        OutboxItem {
+            id: 1,
+            device: Device {
+                id: 2,
+                user: "alice".into(),
+                app: "mail".into(),
+                transport: TransportKind::Apns,
+                token: "tok".into(),
+                mailboxes: vec!["INBOX".into()],
+                privacy: Privacy::Full,
+                created_at: 0,
+                last_success_at: None,
+                last_error: None,
+                last_error_at: None,
+                pending: 0,
+            },
+            content: PushContent {
+                event_id: None,
+                folder: "INBOX".into(),
+                uidvalidity: 1,
+                uid: 1,
+                from: None,
+                subject: None,
+                snippet: None,
+                unseen: Some(1),
+                received_at: created_at,
+                coalesced: 0,
+            },
+            attempts,
+            created_at,
+            due_at: created_at,
+        }
+    }
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let p = policy();
+        assert_eq!(p.backoff(0, 0.0), Duration::from_millis(500));
+        assert_eq!(p.backoff(0, 0.999_999).as_millis(), 999);
+        assert_eq!(p.backoff(3, 0.0), Duration::from_secs(4));
+        assert_eq!(p.backoff(30, 0.0), Duration::from_secs(30));
+        assert!(p.backoff(30, 0.99) < Duration::from_secs(60));
+    }
+
+    #[test]
+    fn outcomes_map_to_completions() {
+        let p = policy();
+        let it = item(2, 0);
+        let d = p.decide(&it, Outcome::Delivered, 10, 0.0, FailureClass::Retry);
+        assert_eq!(d.completion, Completion::Delivered);
+        assert_eq!(d.failure, None);
+        let d = p.decide(
+            &it,
+            Outcome::Retry {
+                reason: "503".into(),
+                after: None,
+            },
+            10,
+            0.0,
+            FailureClass::Retry,
+        );
+        assert_eq!(
+            d.completion,
+            Completion::Retry {
+                due_at: 10 + 2000,
+                reason: "503".into()
+            }
+        );
+        let d = p.decide(
+            &it,
+            Outcome::Retry {
+                reason: "429".into(),
+                after: Some(Duration::from_secs(30)),
+            },
+            10,
+            0.0,
+            FailureClass::Retry,
+        );
+        assert!(matches!(
+            d.completion,
+            Completion::Retry { due_at: 30_010, .. }
+        ));
+        let d = p.decide(
+            &it,
+            Outcome::CredentialsRejected {
+                reason: "InvalidProviderToken".into(),
+            },
+            10,
+            0.0,
+            FailureClass::Retry,
+        );
+        assert_eq!(d.failure, Some(FailureClass::CredentialsRejected));
+        assert!(matches!(d.completion, Completion::Retry { .. }));
+        let d = p.decide(
+            &it,
+            Outcome::DeleteDevice {
+                reason: "Unregistered".into(),
+            },
+            10,
+            0.0,
+            FailureClass::Retry,
+        );
+        assert_eq!(
+            d.completion,
+            Completion::DeleteDevice {
+                reason: "Unregistered".into()
+            }
+        );
+        let d = p.decide(
+            &it,
+            Outcome::Drop {
+                reason: "PayloadTooLarge".into(),
+            },
+            10,
+            0.0,
+            FailureClass::Retry,
+        );
+        assert_eq!(d.failure, Some(FailureClass::Drop));
+    }
+
+    #[test]
+    fn retries_past_the_deadline_are_dropped() {
+        let p = policy();
+        let it = item(0, 0);
+        let d = p.decide(
+            &it,
+            Outcome::Retry {
+                reason: "503".into(),
+                after: None,
+            },
+            3_600_000,
+            0.0,
+            FailureClass::Retry,
+        );
+        assert_eq!(d.failure, Some(FailureClass::Deadline));
+        assert!(p.expired(&it, 3_600_001));
+        assert!(!p.expired(&it, 3_600_000));
+    }
+
+    #[test]
+    fn push_hides_the_user_in_the_collapse_id() {
+        let p = push_for(&item(0, 0));
+        assert_eq!(p.collapse_id.len(), 24);
+        assert!(!p.collapse_id.contains("alice"));
+        assert_eq!(p.unseen, Some(1));
+    }
+}

@@ -1,0 +1,193 @@
+//! dovepush-receiver: accepts Dovecot's ox-style push notifications, keeps a registry of
+//! users' devices, and delivers pushes through a durable outbox.
+//!
+//! # Layering
+//!
+//! ```text
+//!   main.rs ─ cli ─────────────────────────────┐  (thin binary: parse args, load config)
+//!                                               ▼
+//!   run / run_with ──► http  (hyper: routing, auth, body limits, JSON errors)
+//!                       │
+//!                       ▼
+//!                     domain (events, devices, fan-out, registry, ingest, outbox)
+//!                       │            │                 │
+//!                       ▼            ▼                 ▼
+//!                     store       transport         mailserver
+//!                  (trait +     (trait + Outcome;   (trait + IMAP via async-imap:
+//!                   SQLite)      injected)           logins, METADATA)
+//! ```
+//!
+//! `config` turns the TOML file into typed values; `telemetry` owns the metrics registry
+//! and tracing set-up. Lower layers never depend on higher ones: `store` and `transport`
+//! know nothing of HTTP, and the domain knows no provider or SQL details beyond the traits.
+//!
+//! The library entry point is [`run`] (or [`run_with`] to inject the mail server). Both
+//! take an already bound listener, so tests bind port 0, and a shutdown future.
+
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod mailserver;
+pub mod store;
+pub mod telemetry;
+pub mod transport;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio_rustls::TlsAcceptor;
+
+use config::{Config, TlsFiles};
+use domain::credentials::CredentialCache;
+use domain::ingest::Ingest;
+use domain::outbox::{Dispatcher, RetryPolicy, SEND_TIMEOUT};
+use domain::registry::Registry;
+use mailserver::{ImapMailServer, MailError, MailServer};
+use store::sqlite::SqliteStore;
+use store::{Store, StoreError};
+use telemetry::Metrics;
+use transport::Transports;
+
+/// How often old event ids are pruned.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Why the receiver could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("server TLS: {0}")]
+    Tls(String),
+    #[error("mail server client: {0}")]
+    MailServer(#[from] MailError),
+}
+
+/// Runs the receiver on `listener` until `shutdown` resolves, with the IMAP mail server
+/// from `config.dovecot` and the given `transports`.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    transports: Transports,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let mail: Arc<dyn MailServer> = Arc::new(ImapMailServer::new(&config.dovecot)?);
+    run_with(listener, config, transports, mail, shutdown).await
+}
+
+/// [`run`] with an injected [`MailServer`].
+pub async fn run_with(
+    listener: TcpListener,
+    config: Config,
+    transports: Transports,
+    mail: Arc<dyn MailServer>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let tls = config.server.tls.as_ref().map(server_tls).transpose()?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
+    let metrics = Arc::new(Metrics::new());
+    let wake = Arc::new(Notify::new());
+    if transports.is_empty() {
+        tracing::warn!("No push transports configured: pushes stay queued until their deadline.");
+    }
+
+    let apps: HashMap<_, _> = config
+        .apps
+        .iter()
+        .map(|a| (a.id.clone(), a.privacy))
+        .collect();
+    let state = Arc::new(http::AppState {
+        notify_user: config.notify.username.clone(),
+        notify_password: config.notify.password.clone(),
+        admin_token: config.admin.token.clone(),
+        ingest: Ingest::new(
+            store.clone(),
+            metrics.clone(),
+            config.outbox.coalesce,
+            wake.clone(),
+        ),
+        registry: Registry::new(
+            store.clone(),
+            mail.clone(),
+            CredentialCache::new(config.dovecot.auth_cache),
+            apps,
+        ),
+        store: store.clone(),
+        metrics: metrics.clone(),
+    });
+    let dispatcher = Dispatcher {
+        store: store.clone(),
+        transports,
+        policy: RetryPolicy::from_config(&config.outbox),
+        metrics,
+        mail,
+        wake,
+        concurrency: config.outbox.concurrency,
+        send_timeout: SEND_TIMEOUT,
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let dispatcher = tokio::spawn(dispatcher.run(stop_rx.clone()));
+    let pruner = tokio::spawn(prune_events(
+        store.clone(),
+        config.store.event_retention,
+        stop_rx.clone(),
+    ));
+    let addr = listener.local_addr().ok();
+    tracing::info!(address = ?addr, tls = tls.is_some(), store = %config.store.path.display(), "Receiver running.");
+    let server = tokio::spawn(http::serve(listener, tls, state, stop_rx));
+
+    shutdown.await;
+    tracing::info!("Shutting down.");
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    let _ = dispatcher.await;
+    let _ = pruner.await;
+    Ok(())
+}
+
+async fn prune_events(store: Arc<dyn Store>, retention: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        let before = domain::now_millis() - retention.as_millis() as i64;
+        match store.prune_events(before).await {
+            Ok(n) if n > 0 => tracing::debug!(pruned = n, "Old event ids pruned."),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "Cannot prune event ids."),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The server TLS acceptor (TLS 1.2 and 1.3, ring provider, ALPN h2 + http/1.1).
+pub fn server_tls(files: &TlsFiles) -> Result<TlsAcceptor, RunError> {
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| RunError::Tls(format!("{}: {e}", files.cert.display())))?;
+    if certs.is_empty() {
+        return Err(RunError::Tls(format!(
+            "{}: no certificate found",
+            files.cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| RunError::Tls(format!("{}: {e}", files.key.display())))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    .map_err(|e| RunError::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| RunError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}

@@ -1,0 +1,1208 @@
+//! The embedded store: one SQLite file in WAL mode, written by a single writer thread
+//! that group-commits.
+//!
+//! Every change is a command sent to the writer thread. The thread takes everything queued
+//! (up to [`MAX_BATCH`] commands), runs each inside its own savepoint of one transaction,
+//! commits once (`synchronous = FULL`: the commit is on disk when it returns) and only then
+//! answers every command of the batch. Many concurrent ingests therefore share one fsync,
+//! and a caller that got an answer knows its change survives a crash or `kill -9`.
+//! Reads use a second connection (WAL readers never block the writer).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    BoxFuture, CompleteOutcome, Completed, Completion, IngestOutcome, OutboxItem, QueueEntry,
+    RegisterOutcome, RemoveOutcome, Store, StoreError, UserStatus,
+};
+use crate::domain::device::{wants_folder, Device, DeviceRegistration};
+use crate::domain::event::{NewMailEvent, PushContent};
+use crate::transport::{Privacy, TransportKind};
+
+/// Most commands committed in one transaction.
+pub const MAX_BATCH: usize = 1024;
+/// Commands that may wait for the writer before senders wait too.
+const QUEUE_CAPACITY: usize = 16 * 1024;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS devices (
+    id INTEGER PRIMARY KEY,
+    user TEXT NOT NULL,
+    app TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    token TEXT NOT NULL,
+    mailboxes TEXT NOT NULL,
+    privacy TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    last_success_at INTEGER,
+    last_error TEXT,
+    last_error_at INTEGER,
+    UNIQUE (user, app, token)
+);
+CREATE TABLE IF NOT EXISTS users (
+    user TEXT PRIMARY KEY,
+    last_error TEXT,
+    last_error_at INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    event_id TEXT UNIQUE,
+    user TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    received_at INTEGER NOT NULL
+);
+DROP INDEX IF EXISTS events_received_at;
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    device_id INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    content TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    due_at INTEGER NOT NULL,
+    last_error TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS outbox_one_pending_per_device ON outbox (device_id) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS outbox_device ON outbox (device_id);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, due_at);
+"#;
+
+/// The stored `mailboxes` of a device following only INBOX (the default).
+const INBOX_ONLY: &str = r#"["INBOX"]"#;
+
+const STATE_PENDING: i64 = 0;
+const STATE_IN_FLIGHT: i64 = 1;
+
+const DEVICE_COLUMNS: &str = "d.id, d.user, d.app, d.transport, d.token, d.mailboxes, d.privacy, \
+     d.created_at, d.last_success_at, d.last_error, d.last_error_at";
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Command {
+    Ingest {
+        event: NewMailEvent,
+        due_at: i64,
+        reply: Reply<IngestOutcome>,
+    },
+    Register {
+        registration: DeviceRegistration,
+        now: i64,
+        reply: Reply<RegisterOutcome>,
+    },
+    Remove {
+        user: String,
+        token: String,
+        reply: Reply<RemoveOutcome>,
+    },
+    Claim {
+        now: i64,
+        limit: usize,
+        reply: Reply<Vec<OutboxItem>>,
+    },
+    Complete {
+        done: Vec<Completed>,
+        reply: Reply<CompleteOutcome>,
+    },
+    QueueRetry {
+        id: i64,
+        now: i64,
+        reply: Reply<bool>,
+    },
+    QueueDrop {
+        id: i64,
+        reply: Reply<bool>,
+    },
+    Prune {
+        before: i64,
+        reply: Reply<u64>,
+    },
+}
+
+/// The SQLite-backed [`Store`].
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Option<mpsc::Sender<Command>>,
+    writer_thread: Option<JoinHandle<()>>,
+    reader: Arc<Mutex<Connection>>,
+    depth: Arc<AtomicI64>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path`, returns in-flight items of a previous
+    /// run to pending, and starts the writer thread.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        Self::open_inner(path, true)
+    }
+
+    /// Opens an existing store for operator commands while a server may be running: it
+    /// does not touch items in flight and does not create a missing file.
+    pub fn open_existing(path: &Path) -> Result<SqliteStore, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Open {
+                path: path.display().to_string(),
+                message: "no such file".into(),
+            });
+        }
+        Self::open_inner(path, false)
+    }
+
+    fn open_inner(path: &Path, recover: bool) -> Result<SqliteStore, StoreError> {
+        let open_err = |message: String| StoreError::Open {
+            path: path.display().to_string(),
+            message,
+        };
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(|e| open_err(e.to_string()))?;
+            }
+        }
+        let writer_conn = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        configure(&writer_conn, false).map_err(|e| open_err(e.to_string()))?;
+        writer_conn
+            .execute_batch(SCHEMA)
+            .map_err(|e| open_err(e.to_string()))?;
+        if recover {
+            recover_in_flight(&writer_conn).map_err(|e| open_err(e.to_string()))?;
+        }
+        let depth: i64 = writer_conn
+            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+            .map_err(|e| open_err(e.to_string()))?;
+        let reader = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        configure(&reader, true).map_err(|e| open_err(e.to_string()))?;
+
+        let depth = Arc::new(AtomicI64::new(depth));
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let thread_depth = depth.clone();
+        let writer_thread = std::thread::Builder::new()
+            .name("dovepush-store-writer".into())
+            .spawn(move || writer_loop(writer_conn, rx, thread_depth))
+            .map_err(|e| open_err(e.to_string()))?;
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            writer: Some(tx),
+            writer_thread: Some(writer_thread),
+            reader: Arc::new(Mutex::new(reader)),
+            depth,
+        })
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn send<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> BoxFuture<'_, Result<T, StoreError>> {
+        let (reply, rx) = oneshot::channel();
+        let command = make(reply);
+        Box::pin(async move {
+            let writer = self.writer.as_ref().ok_or(StoreError::Closed)?;
+            writer.send(command).await.map_err(|_| StoreError::Closed)?;
+            rx.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T, StoreError>> {
+        let reader = self.reader.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+                f(&conn)
+            })
+            .await
+            .map_err(|e| StoreError::Database(format!("reader task failed: {e}")))?
+        })
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish what is queued and stop.
+        self.writer.take();
+        if let Some(t) = self.writer_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn configure(conn: &Connection, reader: bool) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    // The page cache is bounded so memory does not grow with the registry.
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA cache_size = -4096;
+         PRAGMA temp_store = MEMORY;",
+    )?;
+    if reader {
+        conn.execute_batch("PRAGMA query_only = ON;")?;
+    }
+    Ok(())
+}
+
+/// Items a previous process had in flight were never confirmed: make them pending again,
+/// keeping one pending item per device (the newest content wins).
+fn recover_in_flight(conn: &Connection) -> rusqlite::Result<()> {
+    let mut stmt =
+        conn.prepare("SELECT id, device_id FROM outbox WHERE state = ?1 ORDER BY device_id, id")?;
+    let rows: Vec<(i64, i64)> = stmt
+        .query_map([STATE_IN_FLIGHT], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    drop(stmt);
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let tx = conn.unchecked_transaction()?;
+    for (id, device_id) in rows {
+        requeue(&tx, id, device_id, None, None)?;
+    }
+    tx.commit()
+}
+
+/// Makes item `id` pending again (due at `due_at`, one more attempt, `reason`), or folds it
+/// into the device's existing pending item.
+fn requeue(
+    conn: &Connection,
+    id: i64,
+    device_id: i64,
+    due_at: Option<i64>,
+    reason: Option<&str>,
+) -> rusqlite::Result<i64> {
+    let pending: Option<(i64, String)> = conn
+        .prepare_cached("SELECT id, content FROM outbox WHERE device_id = ?1 AND state = ?2")?
+        .query_row(params![device_id, STATE_PENDING], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    match pending {
+        None => {
+            conn.prepare_cached(
+                "UPDATE outbox SET state = ?2, attempts = attempts + ?3,
+                     due_at = coalesce(?4, due_at), last_error = coalesce(?5, last_error)
+                 WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                STATE_PENDING,
+                i64::from(due_at.is_some()),
+                due_at,
+                reason
+            ])?;
+            Ok(0)
+        }
+        Some((pending_id, pending_content)) => {
+            let mine: Option<String> = conn
+                .prepare_cached("SELECT content FROM outbox WHERE id = ?1")?
+                .query_row([id], |r| r.get(0))
+                .optional()?;
+            if let Some(mine) = mine {
+                if let (Ok(p), Ok(m)) = (
+                    serde_json::from_str::<PushContent>(&pending_content),
+                    serde_json::from_str::<PushContent>(&mine),
+                ) {
+                    let merged = if m.received_at > p.received_at {
+                        p.absorb(m)
+                    } else {
+                        m.absorb(p)
+                    };
+                    conn.prepare_cached("UPDATE outbox SET content = ?2 WHERE id = ?1")?
+                        .execute(params![pending_id, to_json(&merged)])?;
+                }
+            }
+            let n = conn
+                .prepare_cached("DELETE FROM outbox WHERE id = ?1")?
+                .execute([id])?;
+            Ok(-(n as i64))
+        }
+    }
+}
+
+fn to_json(c: &PushContent) -> String {
+    serde_json::to_string(c).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// A finished command, answered once the batch's commit is known.
+type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
+
+fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Answer {
+    Box::new(move |commit_error| {
+        let result = match commit_error {
+            None => result,
+            Some(e) => Err(StoreError::Database(format!("commit failed: {e}"))),
+        };
+        let _ = reply.send(result);
+    })
+}
+
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Command>, depth: Arc<AtomicI64>) {
+    let mut batch: Vec<Command> = Vec::with_capacity(MAX_BATCH);
+    let mut answers: Vec<Answer> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let mut delta = 0i64;
+        let begin = run_cached(&conn, "BEGIN IMMEDIATE");
+        let mut failure = begin.err().map(|e| e.to_string());
+        for command in batch.drain(..) {
+            if failure.is_some() {
+                answers.push(fail_command(command));
+                continue;
+            }
+            // Ingests, the hot path, run without a savepoint (its statement journal costs a
+            // page copy per change). They fail only on SQLite errors, which abort the
+            // whole batch: every caller then gets an error and retries.
+            if matches!(command, Command::Ingest { .. }) {
+                let (ok, d, a) = execute(&conn, command);
+                delta += d;
+                answers.push(a);
+                if !ok {
+                    failure = Some("an ingest failed; batch aborted".into());
+                }
+                continue;
+            }
+            if let Err(e) = run_cached(&conn, "SAVEPOINT cmd") {
+                failure = Some(e.to_string());
+                answers.push(fail_command(command));
+                continue;
+            }
+            let (ok, d, a) = execute(&conn, command);
+            let end = if ok {
+                delta += d;
+                run_cached(&conn, "RELEASE cmd")
+            } else {
+                run_cached(&conn, "ROLLBACK TO cmd").and_then(|_| run_cached(&conn, "RELEASE cmd"))
+            };
+            answers.push(a);
+            if let Err(e) = end {
+                failure = Some(e.to_string());
+            }
+        }
+        if failure.is_none() {
+            if let Err(e) = run_cached(&conn, "COMMIT") {
+                failure = Some(e.to_string());
+            }
+        }
+        if let Some(e) = &failure {
+            tracing::error!(error = %e, "Store transaction failed; the batch is rolled back.");
+            let _ = conn.execute_batch("ROLLBACK");
+        } else {
+            depth.fetch_add(delta, Ordering::Relaxed);
+        }
+        for a in answers.drain(..) {
+            a(failure.as_deref());
+        }
+    }
+}
+
+/// Runs a parameterless statement through the statement cache (no re-parsing per batch).
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+fn fail_command(command: Command) -> Answer {
+    fn f<T: Send + 'static>(r: Reply<T>) -> Answer {
+        answer::<T>(r, Err(StoreError::Database("transaction aborted".into())))
+    }
+    match command {
+        Command::Ingest { reply, .. } => f(reply),
+        Command::Register { reply, .. } => f(reply),
+        Command::Remove { reply, .. } => f(reply),
+        Command::Claim { reply, .. } => f(reply),
+        Command::Complete { reply, .. } => f(reply),
+        Command::QueueRetry { reply, .. } => f(reply),
+        Command::QueueDrop { reply, .. } => f(reply),
+        Command::Prune { reply, .. } => f(reply),
+    }
+}
+
+/// Runs one command; returns (succeeded, outbox depth change, answer).
+fn execute(conn: &Connection, command: Command) -> (bool, i64, Answer) {
+    fn done<T: Send + 'static>(
+        reply: Reply<T>,
+        r: Result<(T, i64), StoreError>,
+    ) -> (bool, i64, Answer) {
+        match r {
+            Ok((v, d)) => (true, d, answer(reply, Ok(v))),
+            Err(e) => (false, 0, answer(reply, Err(e))),
+        }
+    }
+    match command {
+        Command::Ingest {
+            event,
+            due_at,
+            reply,
+        } => done(reply, exec_ingest(conn, &event, due_at)),
+        Command::Register {
+            registration,
+            now,
+            reply,
+        } => done(reply, exec_register(conn, &registration, now)),
+        Command::Remove { user, token, reply } => done(reply, exec_remove(conn, &user, &token)),
+        Command::Claim { now, limit, reply } => done(reply, exec_claim(conn, now, limit)),
+        Command::Complete { done: items, reply } => done(reply, exec_complete(conn, items)),
+        Command::QueueRetry { id, now, reply } => done(
+            reply,
+            conn.prepare_cached("UPDATE outbox SET due_at = ?2 WHERE id = ?1 AND state = ?3")
+                .and_then(|mut s| s.execute(params![id, now, STATE_PENDING]))
+                .map(|n| (n > 0, 0))
+                .map_err(StoreError::from),
+        ),
+        Command::QueueDrop { id, reply } => done(
+            reply,
+            conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")
+                .and_then(|mut s| s.execute([id]))
+                .map(|n| (n > 0, -(n as i64)))
+                .map_err(StoreError::from),
+        ),
+        Command::Prune { before, reply } => done(
+            reply,
+            // Events are appended in arrival order, so the oldest ones have the lowest ids:
+            // find the first id to keep by scanning from the start (no extra index).
+            conn.prepare_cached(
+                "DELETE FROM events WHERE id < coalesce(
+                     (SELECT id FROM events WHERE received_at >= ?1 ORDER BY id LIMIT 1),
+                     (SELECT max(id) + 1 FROM events), 0)",
+            )
+            .and_then(|mut s| s.execute([before]))
+            .map(|n| (n as u64, 0))
+            .map_err(StoreError::from),
+        ),
+    }
+}
+
+fn exec_ingest(
+    conn: &Connection,
+    event: &NewMailEvent,
+    due_at: i64,
+) -> Result<(IngestOutcome, i64), StoreError> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO events (event_id, user, folder, uid, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (event_id) DO NOTHING",
+        )?
+        .execute(params![
+            event.event_id,
+            event.user,
+            event.folder,
+            event.uid,
+            event.received_at
+        ])?;
+    let mut outcome = IngestOutcome::default();
+    if inserted == 0 {
+        outcome.duplicate = true;
+        return Ok((outcome, 0));
+    }
+    let devices: Vec<(i64, String)> = conn
+        .prepare_cached("SELECT id, mailboxes FROM devices WHERE user = ?1")?
+        .query_map([&event.user], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let content = PushContent::from_event(event);
+    let mut content_json: Option<String> = None;
+    let mut delta = 0;
+    for (device_id, mailboxes) in devices {
+        let wanted = if mailboxes == INBOX_ONLY {
+            event.folder.eq_ignore_ascii_case("INBOX")
+        } else {
+            let mailboxes: Vec<String> = serde_json::from_str(&mailboxes)
+                .map_err(|e| StoreError::Corrupt(format!("device {device_id} mailboxes: {e}")))?;
+            wants_folder(&mailboxes, &event.folder)
+        };
+        if !wanted {
+            continue;
+        }
+        outcome.matched_devices += 1;
+        // Common case first: no pending item for the device, so the insert goes through.
+        let json: &str = content_json.get_or_insert_with(|| to_json(&content));
+        let inserted = conn
+            .prepare_cached(
+                "INSERT INTO outbox (device_id, state, content, attempts, created_at, due_at)
+                 VALUES (?1, ?2, ?3, 0, ?4, ?5)
+                 ON CONFLICT (device_id) WHERE state = 0 DO NOTHING",
+            )?
+            .execute(params![
+                device_id,
+                STATE_PENDING,
+                json,
+                event.received_at,
+                due_at
+            ])?;
+        if inserted > 0 {
+            outcome.queued += 1;
+            delta += 1;
+            continue;
+        }
+        let pending: Option<(i64, String)> = conn
+            .prepare_cached("SELECT id, content FROM outbox WHERE device_id = ?1 AND state = ?2")?
+            .query_row(params![device_id, STATE_PENDING], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        match pending {
+            Some((item_id, old)) => {
+                let old: PushContent = serde_json::from_str(&old)
+                    .map_err(|e| StoreError::Corrupt(format!("outbox item {item_id}: {e}")))?;
+                let merged = old.absorb(content.clone());
+                conn.prepare_cached(
+                    "UPDATE outbox SET content = ?2, created_at = ?3 WHERE id = ?1",
+                )?
+                .execute(params![item_id, to_json(&merged), event.received_at])?;
+                outcome.coalesced += 1;
+            }
+            None => {
+                return Err(StoreError::Database(format!(
+                    "outbox insert for device {device_id} conflicted without a pending item"
+                )))
+            }
+        }
+    }
+    Ok((outcome, delta))
+}
+
+fn count_devices(conn: &Connection, user: &str) -> rusqlite::Result<u64> {
+    conn.prepare_cached("SELECT count(*) FROM devices WHERE user = ?1")?
+        .query_row([user], |r| r.get::<_, i64>(0))
+        .map(|n| n as u64)
+}
+
+fn exec_register(
+    conn: &Connection,
+    reg: &DeviceRegistration,
+    now: i64,
+) -> Result<(RegisterOutcome, i64), StoreError> {
+    let devices_before = count_devices(conn, &reg.user)?;
+    let mailboxes =
+        serde_json::to_string(&reg.mailboxes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let updated = conn
+        .prepare_cached(
+            "UPDATE devices SET transport = ?4, mailboxes = ?5, privacy = ?6, updated_at = ?7
+             WHERE user = ?1 AND app = ?2 AND token = ?3",
+        )?
+        .execute(params![
+            reg.user,
+            reg.app,
+            reg.token,
+            reg.transport.as_str(),
+            mailboxes,
+            reg.privacy.as_str(),
+            now
+        ])?;
+    if updated == 0 {
+        conn.prepare_cached(
+            "INSERT INTO devices (user, app, token, transport, mailboxes, privacy, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+        )?
+        .execute(params![
+            reg.user,
+            reg.app,
+            reg.token,
+            reg.transport.as_str(),
+            mailboxes,
+            reg.privacy.as_str(),
+            now
+        ])?;
+    }
+    Ok((
+        RegisterOutcome {
+            created: updated == 0,
+            devices_before,
+        },
+        0,
+    ))
+}
+
+fn exec_remove(
+    conn: &Connection,
+    user: &str,
+    token: &str,
+) -> Result<(RemoveOutcome, i64), StoreError> {
+    let items = conn
+        .prepare_cached(
+            "DELETE FROM outbox WHERE device_id IN
+                 (SELECT id FROM devices WHERE user = ?1 AND token = ?2)",
+        )?
+        .execute([user, token])?;
+    let removed = conn
+        .prepare_cached("DELETE FROM devices WHERE user = ?1 AND token = ?2")?
+        .execute([user, token])?;
+    let devices_left = count_devices(conn, user)?;
+    Ok((
+        RemoveOutcome {
+            removed: removed > 0,
+            devices_left,
+        },
+        -(items as i64),
+    ))
+}
+
+fn exec_claim(
+    conn: &Connection,
+    now: i64,
+    limit: usize,
+) -> Result<(Vec<OutboxItem>, i64), StoreError> {
+    let sql = format!(
+        "SELECT o.id, o.content, o.attempts, o.created_at, o.due_at, {DEVICE_COLUMNS}
+         FROM outbox o JOIN devices d ON d.id = o.device_id
+         WHERE o.state = ?1 AND o.due_at <= ?2 ORDER BY o.due_at LIMIT ?3"
+    );
+    let rows: Vec<(i64, String, u32, i64, i64, Device)> = conn
+        .prepare_cached(&sql)?
+        .query_map(params![STATE_PENDING, now, limit as i64], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                device_from_row(r, 5, 0)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut items = Vec::with_capacity(rows.len());
+    for (id, content, attempts, created_at, due_at, device) in rows {
+        conn.prepare_cached("UPDATE outbox SET state = ?2 WHERE id = ?1")?
+            .execute(params![id, STATE_IN_FLIGHT])?;
+        let content: PushContent = match serde_json::from_str(&content) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(item = id, error = %e, "Unreadable outbox item; dropping it.");
+                conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
+                    .execute([id])?;
+                continue;
+            }
+        };
+        items.push(OutboxItem {
+            id,
+            device,
+            content,
+            attempts,
+            created_at,
+            due_at,
+        });
+    }
+    Ok((items, 0))
+}
+
+fn exec_complete(
+    conn: &Connection,
+    done: Vec<Completed>,
+) -> Result<(CompleteOutcome, i64), StoreError> {
+    let mut outcome = CompleteOutcome::default();
+    let mut delta = 0i64;
+    let delete_item = |id: i64| -> rusqlite::Result<i64> {
+        conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
+            .execute([id])
+            .map(|n| -(n as i64))
+    };
+    let device_error = |device_id: i64, reason: &str, at: i64| -> rusqlite::Result<usize> {
+        conn.prepare_cached("UPDATE devices SET last_error = ?2, last_error_at = ?3 WHERE id = ?1")?
+            .execute(params![device_id, reason, at])
+    };
+    for c in done {
+        match &c.completion {
+            Completion::Delivered => {
+                delta += delete_item(c.item_id)?;
+                conn.prepare_cached("UPDATE devices SET last_success_at = ?2 WHERE id = ?1")?
+                    .execute(params![c.device_id, c.at])?;
+            }
+            Completion::Retry { due_at, reason } => {
+                let exists: bool = conn
+                    .prepare_cached("SELECT 1 FROM outbox WHERE id = ?1")?
+                    .query_row([c.item_id], |_| Ok(()))
+                    .optional()?
+                    .is_some();
+                if exists {
+                    delta += requeue(conn, c.item_id, c.device_id, Some(*due_at), Some(reason))?;
+                }
+                device_error(c.device_id, reason, c.at)?;
+            }
+            Completion::Drop { reason } => {
+                delta += delete_item(c.item_id)?;
+                device_error(c.device_id, reason, c.at)?;
+            }
+            Completion::DeleteDevice { reason } => {
+                let items = conn
+                    .prepare_cached("DELETE FROM outbox WHERE device_id = ?1")?
+                    .execute([c.device_id])?;
+                delta -= items as i64;
+                let removed = conn
+                    .prepare_cached("DELETE FROM devices WHERE id = ?1")?
+                    .execute([c.device_id])?;
+                conn.prepare_cached(
+                    "INSERT INTO users (user, last_error, last_error_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (user) DO UPDATE SET last_error = ?2, last_error_at = ?3",
+                )?
+                .execute(params![c.user, reason, c.at])?;
+                if removed > 0
+                    && count_devices(conn, &c.user)? == 0
+                    && !outcome.users_without_devices.contains(&c.user)
+                {
+                    outcome.users_without_devices.push(c.user.clone());
+                }
+            }
+        }
+    }
+    Ok((outcome, delta))
+}
+
+/// Reads the device columns (`DEVICE_COLUMNS`) starting at `at`.
+fn device_from_row(r: &Row<'_>, at: usize, pending: u64) -> rusqlite::Result<Device> {
+    let bad = |i: usize, what: String| {
+        rusqlite::Error::FromSqlConversionFailure(at + i, rusqlite::types::Type::Text, what.into())
+    };
+    let transport: String = r.get(at + 3)?;
+    let mailboxes: String = r.get(at + 5)?;
+    let privacy: String = r.get(at + 6)?;
+    Ok(Device {
+        id: r.get(at)?,
+        user: r.get(at + 1)?,
+        app: r.get(at + 2)?,
+        transport: TransportKind::parse(&transport)
+            .ok_or_else(|| bad(3, format!("unknown transport {transport:?}")))?,
+        token: r.get(at + 4)?,
+        mailboxes: serde_json::from_str(&mailboxes).map_err(|e| bad(5, e.to_string()))?,
+        privacy: Privacy::parse(&privacy)
+            .ok_or_else(|| bad(6, format!("unknown privacy {privacy:?}")))?,
+        created_at: r.get(at + 7)?,
+        last_success_at: r.get(at + 8)?,
+        last_error: r.get(at + 9)?,
+        last_error_at: r.get(at + 10)?,
+        pending,
+    })
+}
+
+fn read_devices(conn: &Connection, user: Option<&str>) -> Result<Vec<Device>, StoreError> {
+    let sql = format!(
+        "SELECT {DEVICE_COLUMNS}, (SELECT count(*) FROM outbox o WHERE o.device_id = d.id)
+         FROM devices d WHERE ?1 IS NULL OR d.user = ?1 ORDER BY d.user, d.created_at, d.id"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let devices = stmt
+        .query_map([user], |r| {
+            let pending: i64 = r.get(11)?;
+            device_from_row(r, 0, pending as u64)
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(devices)
+}
+
+impl Store for SqliteStore {
+    fn ingest(
+        &self,
+        event: NewMailEvent,
+        due_at: i64,
+    ) -> BoxFuture<'_, Result<IngestOutcome, StoreError>> {
+        self.send(|reply| Command::Ingest {
+            event,
+            due_at,
+            reply,
+        })
+    }
+
+    fn register_device(
+        &self,
+        registration: DeviceRegistration,
+        now: i64,
+    ) -> BoxFuture<'_, Result<RegisterOutcome, StoreError>> {
+        self.send(|reply| Command::Register {
+            registration,
+            now,
+            reply,
+        })
+    }
+
+    fn remove_device(
+        &self,
+        user: String,
+        token: String,
+    ) -> BoxFuture<'_, Result<RemoveOutcome, StoreError>> {
+        self.send(|reply| Command::Remove { user, token, reply })
+    }
+
+    fn devices_of(&self, user: String) -> BoxFuture<'_, Result<Vec<Device>, StoreError>> {
+        self.read(move |conn| read_devices(conn, Some(&user)))
+    }
+
+    fn claim_due(
+        &self,
+        now: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<OutboxItem>, StoreError>> {
+        self.send(|reply| Command::Claim { now, limit, reply })
+    }
+
+    fn complete(&self, done: Vec<Completed>) -> BoxFuture<'_, Result<CompleteOutcome, StoreError>> {
+        self.send(|reply| Command::Complete { done, reply })
+    }
+
+    fn next_due_at(&self) -> BoxFuture<'_, Result<Option<i64>, StoreError>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT min(due_at) FROM outbox WHERE state = ?1")?
+                .query_row([STATE_PENDING], |r| r.get::<_, Option<i64>>(0))?)
+        })
+    }
+
+    fn subscriptions(
+        &self,
+        user: Option<String>,
+    ) -> BoxFuture<'_, Result<Vec<UserStatus>, StoreError>> {
+        self.read(move |conn| {
+            let devices = read_devices(conn, user.as_deref())?;
+            let mut errors: std::collections::BTreeMap<String, (Option<String>, Option<i64>)> =
+                conn.prepare_cached(
+                    "SELECT user, last_error, last_error_at FROM users WHERE ?1 IS NULL OR user = ?1",
+                )?
+                .query_map([user.as_deref()], |r| {
+                    Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?)))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut out: Vec<UserStatus> = Vec::new();
+            for d in devices {
+                if out.last().map(|u| u.user != d.user).unwrap_or(true) {
+                    let (last_error, last_error_at) = errors.remove(&d.user).unwrap_or_default();
+                    out.push(UserStatus {
+                        user: d.user.clone(),
+                        last_error,
+                        last_error_at,
+                        devices: Vec::new(),
+                    });
+                }
+                if let Some(u) = out.last_mut() {
+                    u.devices.push(d);
+                }
+            }
+            for (user, (last_error, last_error_at)) in errors {
+                out.push(UserStatus {
+                    user,
+                    last_error,
+                    last_error_at,
+                    devices: Vec::new(),
+                });
+            }
+            out.sort_by(|a, b| a.user.cmp(&b.user));
+            Ok(out)
+        })
+    }
+
+    fn queue_list(&self, limit: usize) -> BoxFuture<'_, Result<Vec<QueueEntry>, StoreError>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT o.id, d.user, d.app, d.transport, d.token, o.state, o.attempts,
+                        o.created_at, o.due_at, o.last_error, o.content
+                 FROM outbox o JOIN devices d ON d.id = o.device_id
+                 ORDER BY o.due_at, o.id LIMIT ?1",
+            )?;
+            let rows = stmt
+                .query_map([limit as i64], |r| {
+                    let content: String = r.get(10)?;
+                    let event_id = serde_json::from_str::<PushContent>(&content)
+                        .ok()
+                        .and_then(|c| c.event_id);
+                    Ok(QueueEntry {
+                        id: r.get(0)?,
+                        user: r.get(1)?,
+                        app: r.get(2)?,
+                        transport: r.get(3)?,
+                        token: r.get(4)?,
+                        in_flight: r.get::<_, i64>(5)? == STATE_IN_FLIGHT,
+                        attempts: r.get(6)?,
+                        created_at: r.get(7)?,
+                        due_at: r.get(8)?,
+                        last_error: r.get(9)?,
+                        event_id,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn queue_retry(&self, id: i64, now: i64) -> BoxFuture<'_, Result<bool, StoreError>> {
+        self.send(|reply| Command::QueueRetry { id, now, reply })
+    }
+
+    fn queue_drop(&self, id: i64) -> BoxFuture<'_, Result<bool, StoreError>> {
+        self.send(|reply| Command::QueueDrop { id, reply })
+    }
+
+    fn prune_events(&self, before: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.send(|reply| Command::Prune { before, reply })
+    }
+
+    fn outbox_depth(&self) -> u64 {
+        self.depth.load(Ordering::Relaxed).max(0) as u64
+    }
+}
+
+/// Read-only helpers for operators and tests that inspect a store file directly.
+pub mod inspect {
+    use super::*;
+
+    /// Whether an event with this id was committed (and not yet pruned).
+    pub fn event_ids(path: &Path) -> Result<std::collections::HashSet<String>, StoreError> {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let mut stmt = conn.prepare("SELECT event_id FROM events WHERE event_id IS NOT NULL")?;
+        let ids = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(ids)
+    }
+
+    /// Event ids carried by outbox items.
+    pub fn outbox_event_ids(path: &Path) -> Result<std::collections::HashSet<String>, StoreError> {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let mut stmt = conn.prepare("SELECT content FROM outbox")?;
+        let ids = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .filter_map(|c| {
+                c.ok()
+                    .and_then(|c| serde_json::from_str::<PushContent>(&c).ok())
+                    .and_then(|c| c.event_id)
+            })
+            .collect();
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(user: &str, id: Option<&str>, uid: u32, at: i64) -> NewMailEvent {
+        NewMailEvent {
+            event_id: id.map(str::to_owned),
+            user: user.into(),
+            folder: "INBOX".into(),
+            uidvalidity: 1,
+            uid,
+            from: None,
+            subject: Some(format!("s{uid}")),
+            snippet: None,
+            unseen: Some(uid),
+            received_at: at,
+        }
+    }
+
+    fn reg(user: &str, token: &str, mailboxes: &[&str]) -> DeviceRegistration {
+        DeviceRegistration {
+            user: user.into(),
+            app: "mail".into(),
+            transport: TransportKind::Apns,
+            token: token.into(),
+            mailboxes: mailboxes.iter().map(|s| s.to_string()).collect(),
+            privacy: Privacy::Full,
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s/store.sqlite")).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn ingest_fans_out_dedups_and_coalesces() {
+        let (_dir, s) = open();
+        let r = s
+            .register_device(reg("alice", "t1", &["INBOX"]), 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            r,
+            RegisterOutcome {
+                created: true,
+                devices_before: 0
+            }
+        );
+        let r = s
+            .register_device(reg("alice", "t2", &["Work"]), 2)
+            .await
+            .unwrap();
+        assert_eq!(r.devices_before, 1);
+        let r = s
+            .register_device(reg("alice", "t1", &["INBOX"]), 3)
+            .await
+            .unwrap();
+        assert!(!r.created);
+
+        let o = s
+            .ingest(event("alice", Some("e1"), 1, 10), 10)
+            .await
+            .unwrap();
+        assert_eq!((o.matched_devices, o.queued, o.coalesced), (1, 1, 0));
+        let o = s
+            .ingest(event("alice", Some("e1"), 1, 11), 11)
+            .await
+            .unwrap();
+        assert!(o.duplicate);
+        let o = s
+            .ingest(event("alice", Some("e2"), 2, 12), 12)
+            .await
+            .unwrap();
+        assert_eq!((o.queued, o.coalesced), (0, 1));
+        let o = s.ingest(event("bob", None, 1, 12), 12).await.unwrap();
+        assert_eq!(o.matched_devices, 0);
+        assert_eq!(s.outbox_depth(), 1);
+
+        let items = s.claim_due(100, 10).await.unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].content.uid, 2);
+        assert_eq!(items[0].content.unseen, Some(2));
+        assert_eq!(items[0].content.coalesced, 1);
+        assert_eq!(items[0].device.token, "t1");
+        assert!(s.claim_due(100, 10).await.unwrap().is_empty());
+
+        // A new event while the first is in flight makes a second item.
+        let o = s
+            .ingest(event("alice", Some("e3"), 3, 13), 13)
+            .await
+            .unwrap();
+        assert_eq!(o.queued, 1);
+        assert_eq!(s.outbox_depth(), 2);
+        let done = s
+            .complete(vec![Completed {
+                item_id: items[0].id,
+                device_id: items[0].device.id,
+                user: "alice".into(),
+                at: 20,
+                completion: Completion::Retry {
+                    due_at: 50,
+                    reason: "busy".into(),
+                },
+            }])
+            .await
+            .unwrap();
+        assert!(done.users_without_devices.is_empty());
+        // The retried (older) item folded into the pending newer one.
+        assert_eq!(s.outbox_depth(), 1);
+        let items = s.claim_due(100, 10).await.unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].content.uid, 3);
+        s.complete(vec![Completed {
+            item_id: items[0].id,
+            device_id: items[0].device.id,
+            user: "alice".into(),
+            at: 30,
+            completion: Completion::Delivered,
+        }])
+        .await
+        .unwrap();
+        assert_eq!(s.outbox_depth(), 0);
+        let devs = s.devices_of("alice".into()).await.unwrap();
+        assert_eq!(devs[0].last_success_at, Some(30));
+        assert_eq!(devs[0].last_error.as_deref(), Some("busy"));
+    }
+
+    #[tokio::test]
+    async fn delete_device_completion_reports_last_device() {
+        let (_dir, s) = open();
+        s.register_device(reg("alice", "t1", &["INBOX"]), 1)
+            .await
+            .unwrap();
+        s.ingest(event("alice", None, 1, 10), 10).await.unwrap();
+        let items = s.claim_due(10, 10).await.unwrap();
+        let out = s
+            .complete(vec![Completed {
+                item_id: items[0].id,
+                device_id: items[0].device.id,
+                user: "alice".into(),
+                at: 11,
+                completion: Completion::DeleteDevice {
+                    reason: "Unregistered".into(),
+                },
+            }])
+            .await
+            .unwrap();
+        assert_eq!(out.users_without_devices, vec!["alice".to_string()]);
+        let subs = s.subscriptions(None).await.unwrap();
+        assert_eq!(subs.len(), 1);
+        assert_eq!(subs[0].last_error.as_deref(), Some("Unregistered"));
+        assert!(subs[0].devices.is_empty());
+        assert_eq!(s.outbox_depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn in_flight_items_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sqlite");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.register_device(reg("alice", "t1", &["INBOX"]), 1)
+                .await
+                .unwrap();
+            s.ingest(event("alice", Some("a"), 1, 10), 10)
+                .await
+                .unwrap();
+            assert_eq!(s.claim_due(10, 10).await.unwrap().len(), 1);
+            s.ingest(event("alice", Some("b"), 2, 11), 11)
+                .await
+                .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.outbox_depth(), 1);
+        let items = s.claim_due(100, 10).await.unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].content.event_id.as_deref(), Some("b"));
+        assert_eq!(items[0].content.coalesced, 1);
+        drop(s);
+        assert!(inspect::event_ids(&path).unwrap().contains("a"));
+    }
+
+    #[tokio::test]
+    async fn remove_and_queue_commands() {
+        let (_dir, s) = open();
+        s.register_device(reg("alice", "t1", &["INBOX"]), 1)
+            .await
+            .unwrap();
+        s.register_device(reg("bob", "t1", &["INBOX"]), 1)
+            .await
+            .unwrap();
+        s.ingest(event("alice", None, 1, 10), 1000).await.unwrap();
+        let q = s.queue_list(10).await.unwrap();
+        assert_eq!(q.len(), 1);
+        assert!(s.queue_retry(q[0].id, 20).await.unwrap());
+        assert_eq!(s.next_due_at().await.unwrap(), Some(20));
+        assert!(s.queue_drop(q[0].id).await.unwrap());
+        assert!(!s.queue_drop(q[0].id).await.unwrap());
+        s.ingest(event("alice", None, 2, 10), 10).await.unwrap();
+        let r = s.remove_device("alice".into(), "t1".into()).await.unwrap();
+        assert_eq!(
+            r,
+            RemoveOutcome {
+                removed: true,
+                devices_left: 0
+            }
+        );
+        assert_eq!(s.outbox_depth(), 0);
+        assert_eq!(s.devices_of("bob".into()).await.unwrap().len(), 1);
+        assert_eq!(s.prune_events(11).await.unwrap(), 2);
+    }
+}

@@ -1,0 +1,263 @@
+//! Transports: the seam between the outbox and the push providers (APNs, FCM).
+//!
+//! Owns the [`Transport`] trait, the [`Push`] it is given, the [`Outcome`] classes every
+//! provider's answer is reduced to, and the [`Transports`] map the receiver is started with.
+//! Real providers live in their own crate and are injected into [`crate::run`]; this module
+//! has no provider code and no network access.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which push service a device is reached through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TransportKind {
+    Apns,
+    Fcm,
+}
+
+impl TransportKind {
+    /// All kinds, in label order.
+    pub const ALL: [TransportKind; 2] = [TransportKind::Apns, TransportKind::Fcm];
+
+    /// The wire and label name (`apns`, `fcm`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Apns => "apns",
+            TransportKind::Fcm => "fcm",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "apns" => Some(TransportKind::Apns),
+            "fcm" => Some(TransportKind::Fcm),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How much of a mail a push may reveal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Privacy {
+    /// Sender, subject and snippet are sent.
+    Full,
+    /// A generic alert ("New mail") with the unseen count only.
+    Generic,
+    /// A background wake-up with no visible alert.
+    Silent,
+}
+
+impl Privacy {
+    /// The wire name (`full`, `generic`, `silent`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Privacy::Full => "full",
+            Privacy::Generic => "generic",
+            Privacy::Silent => "silent",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "full" => Some(Privacy::Full),
+            "generic" => Some(Privacy::Generic),
+            "silent" => Some(Privacy::Silent),
+            _ => None,
+        }
+    }
+}
+
+/// One push to one device, as the outbox hands it to a transport.
+///
+/// `from` and `subject` are the raw header values Dovecot sent (possibly RFC 2047
+/// encoded); transports decode and shorten them as their payload limits require, and
+/// must honour `privacy`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Push {
+    /// Outbox item id: stable across retries of this push.
+    pub id: i64,
+    pub app: String,
+    pub transport: TransportKind,
+    /// The provider's device token. Never log it whole.
+    pub token: String,
+    pub privacy: Privacy,
+    /// The mail login the event was for.
+    pub user: String,
+    /// The newest event merged into this push.
+    pub event_id: Option<String>,
+    pub folder: String,
+    pub uidvalidity: u32,
+    pub uid: u32,
+    pub from: Option<String>,
+    pub subject: Option<String>,
+    pub snippet: Option<String>,
+    /// Unseen messages in `folder` (use as the absolute badge count).
+    pub unseen: Option<u32>,
+    /// How many older events were folded into this push.
+    pub coalesced: u32,
+    /// Suggested collapse id / collapse key: one per user and folder.
+    pub collapse_id: String,
+}
+
+/// What became of one push, in the classes the outbox acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The provider accepted the push.
+    Delivered,
+    /// The token is invalid or unregistered: remove the device and keep `reason` in the
+    /// user's last error.
+    DeleteDevice { reason: String },
+    /// A temporary failure: try again, not before `after` if the provider said so.
+    Retry {
+        reason: String,
+        after: Option<Duration>,
+    },
+    /// Our provider credentials were refused: alert the operator, delete nothing, retry later.
+    CredentialsRejected { reason: String },
+    /// The push can never succeed (e.g. payload refused): log and drop the item.
+    Drop { reason: String },
+}
+
+/// The future a transport returns.
+pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
+
+/// A push provider client. Object-safe; implementations must bound their own time
+/// (the outbox also applies an overall timeout).
+pub trait Transport: Send + Sync {
+    /// Sends one push and classifies the provider's answer.
+    fn send<'a>(&'a self, push: &'a Push) -> SendFuture<'a>;
+}
+
+/// The transports a receiver runs with: per app and kind, with an optional
+/// catch-all per kind.
+#[derive(Clone, Default)]
+pub struct Transports {
+    by_app: HashMap<(String, TransportKind), Arc<dyn Transport>>,
+    by_kind: HashMap<TransportKind, Arc<dyn Transport>>,
+}
+
+impl Transports {
+    /// No transports: pushes stay queued (retrying) until their deadline.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Uses `transport` for devices of `app` reached through `kind`.
+    pub fn with_app(
+        mut self,
+        app: impl Into<String>,
+        kind: TransportKind,
+        transport: Arc<dyn Transport>,
+    ) -> Self {
+        self.by_app.insert((app.into(), kind), transport);
+        self
+    }
+
+    /// Uses `transport` for every app's devices of `kind` that have no app-specific one.
+    pub fn with_kind(mut self, kind: TransportKind, transport: Arc<dyn Transport>) -> Self {
+        self.by_kind.insert(kind, transport);
+        self
+    }
+
+    /// The transport for `app` and `kind`, if any.
+    pub fn get(&self, app: &str, kind: TransportKind) -> Option<&Arc<dyn Transport>> {
+        self.by_app
+            .get(&(app.to_owned(), kind))
+            .or_else(|| self.by_kind.get(&kind))
+    }
+
+    /// True when nothing is configured.
+    pub fn is_empty(&self) -> bool {
+        self.by_app.is_empty() && self.by_kind.is_empty()
+    }
+}
+
+impl fmt::Debug for Transports {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut apps: Vec<_> = self
+            .by_app
+            .keys()
+            .map(|(a, k)| format!("{a}/{k}"))
+            .collect();
+        apps.sort();
+        let mut kinds: Vec<_> = self.by_kind.keys().map(|k| k.as_str()).collect();
+        kinds.sort();
+        f.debug_struct("Transports")
+            .field("by_app", &apps)
+            .field("by_kind", &kinds)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(Outcome);
+    impl Transport for Fixed {
+        fn send<'a>(&'a self, _push: &'a Push) -> SendFuture<'a> {
+            let o = self.0.clone();
+            Box::pin(async move { o })
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for k in TransportKind::ALL {
+            assert_eq!(TransportKind::parse(k.as_str()), Some(k));
+        }
+        for p in [Privacy::Full, Privacy::Generic, Privacy::Silent] {
+            assert_eq!(Privacy::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(TransportKind::parse("APNS"), None);
+    }
+
+    #[tokio::test]
+    async fn app_specific_transport_wins_over_kind() {
+        let t = Transports::new()
+            .with_kind(TransportKind::Apns, Arc::new(Fixed(Outcome::Delivered)))
+            .with_app(
+                "special",
+                TransportKind::Apns,
+                Arc::new(Fixed(Outcome::Drop {
+                    reason: "special".into(),
+                })),
+            );
+        let push = Push {
+            id: 1,
+            app: "special".into(),
+            transport: TransportKind::Apns,
+            token: "t".into(),
+            privacy: Privacy::Full,
+            user: "u".into(),
+            event_id: None,
+            folder: "INBOX".into(),
+            uidvalidity: 1,
+            uid: 1,
+            from: None,
+            subject: None,
+            snippet: None,
+            unseen: None,
+            coalesced: 0,
+            collapse_id: "c".into(),
+        };
+        let special = t.get("special", TransportKind::Apns).unwrap();
+        assert!(matches!(special.send(&push).await, Outcome::Drop { .. }));
+        let other = t.get("other", TransportKind::Apns).unwrap();
+        assert_eq!(other.send(&push).await, Outcome::Delivered);
+        assert!(t.get("other", TransportKind::Fcm).is_none());
+        assert!(Transports::new().is_empty());
+    }
+}

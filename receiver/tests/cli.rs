@@ -1,0 +1,193 @@
+//! The operator CLI: config checking (exit 64, every bad key with its file), the
+//! subscriptions listing and the queue commands, run as the real binary.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+use dovepush_receiver::domain::device::DeviceRegistration;
+use dovepush_receiver::domain::event::NewMailEvent;
+use dovepush_receiver::store::sqlite::SqliteStore;
+use dovepush_receiver::store::Store;
+use dovepush_receiver::transport::{Privacy, TransportKind};
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dovepush-receiver"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn bad_config_exits_64_naming_every_key_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+[server]
+listen = "localhost"
+tls_cert = "/x.pem"
+[notify]
+username = "dovecot"
+[admin]
+token = "short"
+[dovecot]
+tls = "maybe"
+colour = "red"
+"#,
+    )
+    .unwrap();
+    for command in ["check-config", "serve"] {
+        let out = cli(&[command, "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(64), "{command}");
+        let err = text(&out.stderr);
+        for key in [
+            "server.listen",
+            "server.tls_key",
+            "notify.password",
+            "admin.token",
+            "dovecot.tls",
+            "dovecot.colour",
+        ] {
+            assert!(
+                err.contains(&format!("{}: `{key}`", path.display())),
+                "{key} missing in:\n{err}"
+            );
+        }
+    }
+    let missing = cli(&["check-config", "--config", "/nonexistent/receiver.toml"]);
+    assert_eq!(missing.status.code(), Some(64));
+    assert!(text(&missing.stderr).contains("/nonexistent/receiver.toml"));
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, config_text(dir.path(), "")).unwrap();
+    let out = cli(&["check-config", "--config", good.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("OK"));
+}
+
+#[tokio::test]
+async fn subscriptions_and_queue_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("receiver.toml");
+    std::fs::write(&cfg, config_text(dir.path(), "")).unwrap();
+    let cfg = cfg.to_str().unwrap().to_owned();
+    {
+        let store = SqliteStore::open(&dir.path().join("store.sqlite")).unwrap();
+        for (user, token) in [
+            ("alice", "aaaaaaaaaaaaaaaaaaaaaaaa11"),
+            ("bob", "bbbbbbbbbbbbbbbbbbbbbbbb22"),
+        ] {
+            store
+                .register_device(
+                    DeviceRegistration {
+                        user: user.into(),
+                        app: "mail".into(),
+                        transport: TransportKind::Fcm,
+                        token: token.into(),
+                        mailboxes: vec!["INBOX".into()],
+                        privacy: Privacy::Generic,
+                    },
+                    1_700_000_000_000,
+                )
+                .await
+                .unwrap();
+        }
+        store
+            .ingest(
+                NewMailEvent {
+                    event_id: Some("e1".into()),
+                    user: "alice".into(),
+                    folder: "INBOX".into(),
+                    uidvalidity: 1,
+                    uid: 1,
+                    from: None,
+                    subject: None,
+                    snippet: None,
+                    unseen: Some(1),
+                    received_at: 1_700_000_000_000,
+                },
+                4_000_000_000_000,
+            )
+            .await
+            .unwrap();
+    }
+
+    let out = cli(&["subscriptions", "list", "--config", &cfg]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    let lines: Vec<_> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("USER") && lines[0].contains("PENDING"));
+    assert!(
+        lines[1].starts_with("alice")
+            && lines[1].contains("fcm")
+            && lines[1].trim_end().ends_with('1')
+    );
+    assert!(lines[1].contains("aaaaaa…aaaa11") && !table.contains("aaaaaaaaaaaaaaaaaaaaaaaa11"));
+    assert!(lines[1].contains("2023-11-14T22:13:20.000Z"));
+
+    let out = cli(&[
+        "subscriptions",
+        "list",
+        "--config",
+        &cfg,
+        "--user",
+        "bob",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(v[0]["user"], "bob");
+    assert_eq!(v[0]["devices"][0]["privacy"], "generic");
+    assert_eq!(v[0]["devices"][0]["pending"], 0);
+
+    let out = cli(&["queue", "list", "--config", &cfg, "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let q: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(q.as_array().unwrap().len(), 1);
+    assert_eq!(q[0]["event_id"], "e1");
+    assert_eq!(q[0]["state"], "pending");
+    let id = q[0]["id"].as_i64().unwrap().to_string();
+    let out = cli(&["queue", "list", "--config", &cfg]);
+    assert!(text(&out.stdout).lines().nth(1).unwrap().starts_with(&id));
+
+    let out = cli(&["queue", "retry", &id, "--config", &cfg]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let q: serde_json::Value =
+        serde_json::from_slice(&cli(&["queue", "list", "--config", &cfg, "--json"]).stdout)
+            .unwrap();
+    assert!(q[0]["due"].as_str().unwrap() < "2100", "{q}");
+
+    assert!(cli(&["queue", "drop", &id, "--config", &cfg])
+        .status
+        .success());
+    let again = cli(&["queue", "drop", &id, "--config", &cfg]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(text(&again.stderr).contains(&format!("no item {id}")));
+    assert_eq!(
+        cli(&["queue", "retry", "999", "--config", &cfg])
+            .status
+            .code(),
+        Some(1)
+    );
+    let q: serde_json::Value =
+        serde_json::from_slice(&cli(&["queue", "list", "--config", &cfg, "--json"]).stdout)
+            .unwrap();
+    assert!(q.as_array().unwrap().is_empty());
+
+    // A missing store is an error, not a new empty file.
+    let other = tempfile::tempdir().unwrap();
+    let other_cfg = other.path().join("r.toml");
+    std::fs::write(&other_cfg, config_text(other.path(), "")).unwrap();
+    let out = cli(&["queue", "list", "--config", other_cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!other.path().join("store.sqlite").exists());
+}

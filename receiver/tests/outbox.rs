@@ -1,0 +1,325 @@
+//! The outbox through the real server with a test transport: coalescing, restart with
+//! pending items, and what each transport outcome does.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use dovepush_receiver::config::Config;
+use dovepush_receiver::mailserver::SubscriptionChange;
+use dovepush_receiver::transport::{Outcome, TransportKind, Transports};
+
+fn config_with(dir: &std::path::Path, outbox: &[(&str, &str)]) -> Config {
+    let mut text = config_text(dir, "");
+    for (key, value) in outbox {
+        let line = format!("{key} = {value}");
+        if text.contains(&format!("{key} = ")) {
+            let start = text.find(&format!("{key} = ")).unwrap();
+            let end = start + text[start..].find('\n').unwrap();
+            text.replace_range(start..end, &line);
+        } else {
+            text = text.replace("[outbox]\n", &format!("[outbox]\n{line}\n"));
+        }
+    }
+    Config::parse(&text, &dir.join("receiver.toml")).unwrap()
+}
+
+fn users() -> Arc<FakeMail> {
+    FakeMail::with_users(&[
+        ("alice", "alice-pw"),
+        ("bob", "bob-pw"),
+        ("carol", "carol-pw"),
+    ])
+}
+
+async fn metrics(r: &Running) -> String {
+    request(
+        r.addr,
+        "GET",
+        "/metrics",
+        &[("authorization", &bearer())],
+        "",
+    )
+    .await
+    .text()
+}
+
+#[tokio::test]
+async fn pending_events_for_one_device_are_coalesced() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = RecordingTransport::new();
+    let transports = Transports::new().with_kind(TransportKind::Apns, transport.clone());
+    let cfg = config_with(dir.path(), &[("coalesce_milliseconds", "1500")]);
+    let r = Running::start(cfg, transports, users()).await;
+    assert_eq!(
+        register(r.addr, "alice", "alice-pw", "alice-tok")
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        register(r.addr, "bob", "bob-pw", "bob-tok").await.status,
+        201
+    );
+    for uid in 1..=5 {
+        assert_eq!(
+            notify(r.addr, "alice", uid, uid, Some(&format!("a{uid}")))
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(notify(r.addr, "bob", 1, 1, Some("b1")).await.status, 200);
+    eventually("two pushes", || transport.pushes().len() >= 2).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let pushes = transport.pushes();
+    assert_eq!(pushes.len(), 2, "{pushes:#?}");
+    let alice = pushes.iter().find(|p| p.user == "alice").unwrap();
+    assert_eq!(alice.uid, 5);
+    assert_eq!(alice.unseen, Some(5));
+    assert_eq!(alice.subject.as_deref(), Some("Message 5"));
+    assert_eq!(alice.event_id.as_deref(), Some("a5"));
+    assert_eq!(alice.coalesced, 4);
+    assert_eq!(alice.token, "alice-tok");
+    let bob = pushes.iter().find(|p| p.user == "bob").unwrap();
+    assert_eq!(bob.coalesced, 0);
+    let m = metrics(&r).await;
+    assert!(m.contains("dovepush_outbox_coalesced_total 4\n"), "{m}");
+    assert!(
+        m.contains("dovepush_push_sent_total{transport=\"apns\"} 2\n"),
+        "{m}"
+    );
+    assert!(m.contains("dovepush_outbox_depth 0\n"), "{m}");
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn pending_outbox_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let failing = RecordingTransport::always(Outcome::Retry {
+        reason: "503 ServiceUnavailable".into(),
+        after: Some(Duration::from_millis(300)),
+    });
+    let mail = users();
+    let r = Running::start(
+        config(dir.path(), ""),
+        Transports::new().with_kind(TransportKind::Apns, failing.clone()),
+        mail.clone(),
+    )
+    .await;
+    for (u, p) in [
+        ("alice", "alice-pw"),
+        ("bob", "bob-pw"),
+        ("carol", "carol-pw"),
+    ] {
+        assert_eq!(
+            register(r.addr, u, p, &format!("{u}-tok")).await.status,
+            201
+        );
+    }
+    for (i, u) in ["alice", "bob", "carol"].iter().enumerate() {
+        let id = format!("ev-{u}");
+        assert_eq!(
+            notify(r.addr, u, i as u32 + 10, 3, Some(&id)).await.status,
+            200
+        );
+    }
+    eventually("a failed attempt each", || failing.pushes().len() >= 3).await;
+    r.stop().await;
+
+    // Status through the CLI's view of the store: three pending items.
+    let delivering = RecordingTransport::new();
+    let r = Running::start(
+        config(dir.path(), ""),
+        Transports::new().with_kind(TransportKind::Apns, delivering.clone()),
+        mail,
+    )
+    .await;
+    eventually("three deliveries", || delivering.pushes().len() >= 3).await;
+    let mut got: Vec<_> = delivering
+        .pushes()
+        .iter()
+        .map(|p| (p.user.clone(), p.event_id.clone().unwrap()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("alice".to_string(), "ev-alice".to_string()),
+            ("bob".to_string(), "ev-bob".to_string()),
+            ("carol".to_string(), "ev-carol".to_string()),
+        ]
+    );
+    let s = request(
+        r.addr,
+        "GET",
+        "/v1/status/subscriptions?user=alice",
+        &[("authorization", &bearer())],
+        "",
+    )
+    .await
+    .json();
+    let device = &s[0]["devices"][0];
+    assert!(device["last_success"].is_string(), "{s}");
+    assert_eq!(device["last_error"], "503 ServiceUnavailable");
+    assert_eq!(device["pending"], 0);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn transport_outcomes_are_acted_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = RecordingTransport::new();
+    let mail = users();
+    let r = Running::start(
+        config(dir.path(), ""),
+        Transports::new().with_app("mail", TransportKind::Apns, transport.clone()),
+        mail.clone(),
+    )
+    .await;
+    for (u, p) in [
+        ("alice", "alice-pw"),
+        ("bob", "bob-pw"),
+        ("carol", "carol-pw"),
+    ] {
+        assert_eq!(
+            register(r.addr, u, p, &format!("{u}-tok")).await.status,
+            201
+        );
+    }
+    {
+        let mut script = transport.script.lock().unwrap();
+        script.push_back(Outcome::DeleteDevice {
+            reason: "Unregistered".into(),
+        });
+    }
+    assert_eq!(notify(r.addr, "alice", 1, 1, None).await.status, 200);
+    eventually("alice's push", || transport.pushes().len() == 1).await;
+    transport.script.lock().unwrap().push_back(Outcome::Drop {
+        reason: "PayloadTooLarge".into(),
+    });
+    assert_eq!(notify(r.addr, "bob", 1, 1, None).await.status, 200);
+    eventually("bob's push", || transport.pushes().len() == 2).await;
+    transport
+        .script
+        .lock()
+        .unwrap()
+        .push_back(Outcome::CredentialsRejected {
+            reason: "InvalidProviderToken".into(),
+        });
+    assert_eq!(notify(r.addr, "carol", 1, 1, None).await.status, 200);
+    // Carol's push is rejected once, then retried (after ~0.5-1 s) and delivered.
+    eventually("carol's retry", || {
+        transport
+            .pushes()
+            .iter()
+            .filter(|p| p.user == "carol")
+            .count()
+            == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let s = request(
+        r.addr,
+        "GET",
+        "/v1/status/subscriptions",
+        &[("authorization", &bearer())],
+        "",
+    )
+    .await
+    .json();
+    let by_user = |u: &str| {
+        s.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["user"] == u)
+            .cloned()
+            .unwrap()
+    };
+    let alice = by_user("alice");
+    assert!(alice["devices"].as_array().unwrap().is_empty(), "{alice}");
+    assert_eq!(alice["last_error"], "Unregistered");
+    let bob = by_user("bob");
+    assert_eq!(bob["devices"][0]["last_error"], "PayloadTooLarge");
+    assert_eq!(bob["devices"][0]["pending"], 0);
+    let carol = by_user("carol");
+    assert!(carol["devices"][0]["last_success"].is_string(), "{carol}");
+    // The last device of alice went away: METADATA cleared via the master user.
+    assert!(mail
+        .changes
+        .lock()
+        .unwrap()
+        .contains(&("alice".to_string(), SubscriptionChange::Clear)));
+    let m = metrics(&r).await;
+    for line in [
+        "dovepush_push_failed_total{transport=\"apns\",reason=\"delete_device\"} 1\n",
+        "dovepush_push_failed_total{transport=\"apns\",reason=\"drop\"} 1\n",
+        "dovepush_push_failed_total{transport=\"apns\",reason=\"credentials_rejected\"} 1\n",
+        "dovepush_push_sent_total{transport=\"apns\"} 1\n",
+        "dovepush_outbox_depth 0\n",
+    ] {
+        assert!(m.contains(line), "{line} in\n{m}");
+    }
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn items_past_the_deadline_are_dropped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = RecordingTransport::always(Outcome::Retry {
+        reason: "503".into(),
+        after: None,
+    });
+    let cfg = config_with(dir.path(), &[("deadline_seconds", "1")]);
+    let r = Running::start(
+        cfg,
+        Transports::new().with_kind(TransportKind::Apns, transport.clone()),
+        users(),
+    )
+    .await;
+    assert_eq!(
+        register(r.addr, "alice", "alice-pw", "alice-tok")
+            .await
+            .status,
+        201
+    );
+    assert_eq!(notify(r.addr, "alice", 1, 1, None).await.status, 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics(&r).await;
+        if m.contains("reason=\"deadline\"} 1\n") {
+            assert!(m.contains("dovepush_outbox_depth 0\n"), "{m}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn pushes_without_a_transport_stay_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Running::start(config(dir.path(), ""), Transports::new(), users()).await;
+    assert_eq!(
+        register(r.addr, "alice", "alice-pw", "alice-tok")
+            .await
+            .status,
+        201
+    );
+    assert_eq!(notify(r.addr, "alice", 1, 1, None).await.status, 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics(&r).await;
+        if m.contains("reason=\"no_transport\"}") {
+            assert!(m.contains("dovepush_outbox_depth 1\n"), "{m}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    r.stop().await;
+}
