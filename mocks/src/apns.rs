@@ -92,6 +92,8 @@ pub struct ApnsRequest {
     pub body: Bytes,
     pub connection: u64,
     pub client_cert: bool,
+    /// When the mock accepted it (for end-to-end latency measurements).
+    pub received: std::time::Instant,
 }
 
 impl ApnsRequest {
@@ -300,6 +302,7 @@ async fn handle(state: &State, info: ConnInfo, req: Request<Incoming>) -> Respon
             body,
             connection: info.id,
             client_cert: info.client_cert,
+            received: std::time::Instant::now(),
         });
     }
     let delay = state.delay_ms.load(Ordering::Relaxed);

@@ -58,6 +58,15 @@ impl LmtpClient {
     /// Deliver `message` to `recipients`; returns the time from the end of DATA to the
     /// last recipient's reply.
     pub fn deliver(&mut self, recipients: &[&str], message: &[u8]) -> io::Result<Duration> {
+        self.deliver_timed(recipients, message).map(|(_, latency)| latency)
+    }
+
+    /// As [`LmtpClient::deliver`], also returning when the end of DATA was written.
+    pub fn deliver_timed(
+        &mut self,
+        recipients: &[&str],
+        message: &[u8],
+    ) -> io::Result<(Instant, Duration)> {
         self.command("MAIL FROM:<sender@example.net>")?;
         self.expect("250")?;
         for rcpt in recipients {
@@ -82,7 +91,7 @@ impl LmtpClient {
         for _ in recipients {
             self.expect("250")?;
         }
-        Ok(start.elapsed())
+        Ok((start, start.elapsed()))
     }
 }
 
