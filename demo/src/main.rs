@@ -38,7 +38,11 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
         stack.dovecot.lmtp_port, stack.dovecot.imap_port
     );
     println!("receiver:  http://127.0.0.1:{}", stack.receiver_port);
-    println!("mock APNs: {}   mock FCM: {}", stack.apns.url(), stack.fcm.url());
+    println!(
+        "mock APNs: {}   mock FCM: {}",
+        stack.apns.url(),
+        stack.fcm.url()
+    );
 
     step(&format!(
         "register an APNs device for {USER} (PUT /v1/devices, Basic auth with {USER}'s IMAP password)"
@@ -58,7 +62,10 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
     let mut lmtp = stack.dovecot.lmtp()?;
     let before = Instant::now();
     let reply = lmtp.deliver(&["alice@example.com"], &messages::simple(1))?;
-    println!("LMTP answered 250 after {:.2} ms", reply.as_secs_f64() * 1e3);
+    println!(
+        "LMTP answered 250 after {:.2} ms",
+        reply.as_secs_f64() * 1e3
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while stack.apns.request_count() == 0 {
         if Instant::now() > deadline {
@@ -101,8 +108,17 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     step("operator view: GET /v1/status/subscriptions");
-    let (_, status) = stack.status()?;
-    println!("{status}");
+    // The outbox records the success just after the mock answered.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut status = stack.status()?.1;
+    while status.contains("\"last_success\":null") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        status = stack.status()?.1;
+    }
+    let pretty = serde_json::from_str::<serde_json::Value>(&status)
+        .and_then(|v| serde_json::to_string_pretty(&v))
+        .unwrap_or(status);
+    println!("{pretty}");
     drop(lmtp);
     drop(stack);
     println!("\nstopped Dovecot, the receiver and the mocks.");
