@@ -158,6 +158,22 @@ fn rss_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// CPU time (user + system) a process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Duration::from_secs_f64(fields.iter().sum::<u64>() as f64 / ticks)
+}
+
 struct LoadResult {
     ok: usize,
     failed: usize,
@@ -165,12 +181,34 @@ struct LoadResult {
     p50: Duration,
     p99: Duration,
     max: Duration,
+    /// CPU the server process used during the run.
+    server_cpu: Duration,
 }
 
 impl LoadResult {
     fn rps(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
+
+    /// Server CPU per answered request, in microseconds.
+    fn cpu_us_per_request(&self) -> f64 {
+        self.server_cpu.as_secs_f64() * 1e6 / self.ok.max(1) as f64
+    }
+}
+
+/// Loads the server child `pid` at `addr` and measures the CPU it used meanwhile.
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    pid: u32,
+    addr: SocketAddr,
+    s: &Settings,
+    users: usize,
+    run: &str,
+) -> LoadResult {
+    let before = cpu_time(pid);
+    let mut result = rt.block_on(load(addr, s, users, run));
+    result.server_cpu = cpu_time(pid).saturating_sub(before);
+    result
 }
 
 /// The load generator: `connections` keep-alive connections, bounded by count and time.
@@ -255,6 +293,7 @@ async fn load(addr: SocketAddr, s: &Settings, users: usize, run: &str) -> LoadRe
         p50: pct(0.50),
         p99: pct(0.99),
         max: all.last().copied().unwrap_or_default(),
+        server_cpu: Duration::ZERO,
     }
 }
 
@@ -338,7 +377,7 @@ fn parent(args: &[String]) {
 
     eprintln!("baseline: bare hyper …");
     let (child, addr) = spawn_child(&["child-baseline"]);
-    let base = rt.block_on(load(addr, &s, s.devices, "base"));
+    let base = measure(&rt, child.id(), addr, &s, s.devices, "base");
     stop_child(child);
 
     eprintln!("receiver: seeding {} devices …", s.devices);
@@ -347,7 +386,7 @@ fn parent(args: &[String]) {
     seed_store(&store, s.devices);
     let config = write_config(store.parent().unwrap(), &store);
     let (child, addr) = spawn_child(&["child-receiver", config.to_str().unwrap()]);
-    let recv = rt.block_on(load(addr, &s, s.devices, "recv"));
+    let recv = measure(&rt, child.id(), addr, &s, s.devices, "recv");
     let (recv_rss, recv_hwm) = rss_kib(child.id());
     stop_child(child);
 
@@ -365,7 +404,14 @@ fn parent(args: &[String]) {
         seconds: s.seconds.min(10),
         ..s
     };
-    let big_load = rt.block_on(load(addr, &big_settings, big_settings.big_devices, "big"));
+    let big_load = measure(
+        &rt,
+        child.id(),
+        addr,
+        &big_settings,
+        big_settings.big_devices,
+        "big",
+    );
     let (big_rss, big_hwm) = rss_kib(child.id());
     stop_child(child);
     let db_size = std::fs::metadata(&big).map(|m| m.len()).unwrap_or(0);
@@ -382,12 +428,12 @@ fn parent(args: &[String]) {
             .unwrap_or(0)
     );
     println!(
-        "| {:<34} | {:>9} | {:>7} | {:>9} | {:>9} | {:>9} | {:>10} |",
-        "server", "requests", "failed", "req/s", "p50 ms", "p99 ms", "max ms"
+        "| {:<34} | {:>9} | {:>7} | {:>9} | {:>9} | {:>9} | {:>10} | {:>13} |",
+        "server", "requests", "failed", "req/s", "p50 ms", "p99 ms", "max ms", "server µs/req"
     );
     println!(
-        "|{:-<36}|{:->11}|{:->9}|{:->11}|{:->11}|{:->11}|{:->12}|",
-        "", "", "", "", "", "", ""
+        "|{:-<36}|{:->11}|{:->9}|{:->11}|{:->11}|{:->11}|{:->12}|{:->15}|",
+        "", "", "", "", "", "", "", ""
     );
     for (name, r) in [
         ("bare hyper 200 (baseline)", &base),
@@ -395,14 +441,15 @@ fn parent(args: &[String]) {
         (&*format!("receiver, {} devices", s.big_devices), &big_load),
     ] {
         println!(
-            "| {:<34} | {:>9} | {:>7} | {:>9.0} | {:>9} | {:>9} | {:>10} |",
+            "| {:<34} | {:>9} | {:>7} | {:>9.0} | {:>9} | {:>9} | {:>10} | {:>13.1} |",
             name,
             r.ok,
             r.failed,
             r.rps(),
             ms(r.p50),
             ms(r.p99),
-            ms(r.max)
+            ms(r.max),
+            r.cpu_us_per_request()
         );
     }
     let ratio = recv.rps() / base.rps();

@@ -15,6 +15,7 @@ use crate::domain::device::shorten_token;
 use crate::domain::{format_millis, now_millis};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, UserStatus};
+use crate::transport::push::transports_from_config;
 use crate::transport::Transports;
 
 /// Exit code for configuration errors (sysexits EX_USAGE).
@@ -119,6 +120,14 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// The push transports of `config` (key files are read again; a failure is a config error).
+fn transports(config: &Config) -> Result<Transports, ExitCode> {
+    transports_from_config(config).map_err(|e| {
+        eprintln!("Invalid configuration:\n{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
 fn open_store(config: &Config) -> Result<SqliteStore, ExitCode> {
     SqliteStore::open_existing(&config.store.path).map_err(|e| {
         eprintln!("{e}");
@@ -138,6 +147,7 @@ async fn run_command(command: Command) -> Result<(), ExitCode> {
     match command {
         Command::CheckConfig { config } => {
             let c = load(&config)?;
+            transports(&c)?;
             println!("{}: OK", c.source.display());
             Ok(())
         }
@@ -163,6 +173,7 @@ async fn run_command(command: Command) -> Result<(), ExitCode> {
 }
 
 async fn serve(config: Config) -> Result<(), ExitCode> {
+    let transports = transports(&config)?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| {
@@ -179,7 +190,7 @@ async fn serve(config: Config) -> Result<(), ExitCode> {
     println!("dovepush-receiver listening on {scheme}://{addr}");
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    crate::run(listener, config, Transports::new(), shutdown_signal())
+    crate::run(listener, config, transports, shutdown_signal())
         .await
         .map_err(|e| {
             eprintln!("{e}");
@@ -415,6 +426,7 @@ mod tests {
                     mailboxes: vec!["INBOX".into()],
                     privacy: Privacy::Full,
                     created_at: 0,
+                    registered_at: 0,
                     last_success_at: None,
                     last_error: None,
                     last_error_at: None,

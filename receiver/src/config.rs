@@ -7,8 +7,10 @@
 //! wrapped in [`Secret`], whose `Debug` never shows the value.
 //!
 //! Sections: `[server]`, `[notify]`, `[admin]`, `[store]`, `[dovecot]`, `[outbox]` and the
-//! array `[[apps]]`. Transports add their own sub-tables to `[[apps]]` later
-//! (`[apps.apns]`, `[apps.fcm]`): see [`AppConfig`] and `parse_app`, the one place to extend.
+//! array `[[apps]]`, whose entries carry the push transports' sub-tables `[apps.apns]` and
+//! `[apps.fcm]`. Those are read into dovepush-push's own config types
+//! ([`dovepush_push::AppConfig`]) and validated by building the app's push senders once
+//! (key files readable and loadable, endpoints well-formed), so `check-config` catches them.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -16,6 +18,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use dovepush_push::{ApnsConfig, ApnsEnvironment, FcmConfig, Pusher};
 use toml::{Table, Value};
 
 use crate::transport::Privacy;
@@ -39,7 +42,9 @@ pub const DEFAULT_RETRY_MAX_SECONDS: u64 = 600;
 /// Default `[outbox] deadline_seconds` (5 hours, as chatmail does).
 pub const DEFAULT_DEADLINE_SECONDS: u64 = 5 * 3600;
 /// Default `[outbox] coalesce_milliseconds`: how long a new item waits for more events.
-pub const DEFAULT_COALESCE_MILLISECONDS: u64 = 250;
+/// 0: a push leaves at once; events arriving while it is still pending (queued, in
+/// backoff, or waiting for a free slot) still fold into it.
+pub const DEFAULT_COALESCE_MILLISECONDS: u64 = 0;
 /// Default `[outbox] concurrency`: pushes in flight at once.
 pub const DEFAULT_CONCURRENCY: u64 = 64;
 /// Shortest accepted admin token.
@@ -160,12 +165,25 @@ impl Default for OutboxConfig {
     }
 }
 
-/// One `[[apps]]` entry: an app that may register devices.
+/// Default `[[apps]] privacy`: what an app's devices get unless they choose.
+pub const DEFAULT_APP_PRIVACY: Privacy = Privacy::Generic;
+
+/// One `[[apps]]` entry: an app that may register devices, and how to push to them.
 #[derive(Debug, Clone)]
 pub struct AppConfig {
     pub id: String,
     /// Default privacy of the app's devices (a device may choose its own).
-    pub privacy: Option<Privacy>,
+    pub privacy: Privacy,
+    /// The entry as dovepush-push reads it (`generic_text`, `ttl_secs`, `[apps.apns]`,
+    /// `[apps.fcm]`), with every path resolved against the config file's directory.
+    pub push: dovepush_push::AppConfig,
+}
+
+impl AppConfig {
+    /// True when the app has `[apps.apns]` or `[apps.fcm]`.
+    pub fn has_transport(&self) -> bool {
+        self.push.apns.is_some() || self.push.fcm.is_some()
+    }
 }
 
 /// One bad key.
@@ -225,10 +243,7 @@ impl Config {
                         .unwrap_or_default(),
             }])
         })?;
-        let base_dir = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let base_dir = base_dir_of(path);
         let mut r = Reader {
             problems: Vec::new(),
             base_dir,
@@ -446,7 +461,7 @@ impl Config {
                         let prefix = format!("apps[{i}]");
                         match entry {
                             Value::Table(t) => {
-                                if let Some(app) = parse_app(&mut r, t, &prefix) {
+                                if let Some(app) = parse_app(&mut r, t, i) {
                                     if !seen.insert(app.id.clone()) {
                                         r.bad(&format!("{prefix}.id"), "duplicate app id");
                                     }
@@ -489,10 +504,71 @@ impl Config {
     pub fn app(&self, id: &str) -> Option<&AppConfig> {
         self.apps.iter().find(|a| a.id == id)
     }
+
+    /// The directory relative paths were resolved against.
+    pub fn base_dir(&self) -> PathBuf {
+        base_dir_of(&self.source)
+    }
+
+    /// The `[[apps]]` that have a push transport, as dovepush-push reads them.
+    pub fn push_apps(&self) -> Vec<dovepush_push::AppConfig> {
+        self.apps
+            .iter()
+            .filter(|a| a.has_transport())
+            .map(|a| a.push.clone())
+            .collect()
+    }
+
+    /// Builds the push senders of every app (one [`Pusher`], so apps sharing an Apple key
+    /// share its connection and provider token). A failure names the app's key and this file.
+    pub fn pusher(&self) -> Result<Pusher, ConfigError> {
+        let apps = self.push_apps();
+        Pusher::from_config(&apps, &self.base_dir()).map_err(|e| {
+            let index = self.apps.iter().position(|a| a.id == push_error_app(&e));
+            ConfigError {
+                file: self.source.clone(),
+                problems: vec![push_problem(index, &e)],
+            }
+        })
+    }
 }
 
-/// Parses one `[[apps]]` entry. Transports will add `apns`/`fcm` sub-tables here.
-fn parse_app(r: &mut Reader, mut t: Table, prefix: &str) -> Option<AppConfig> {
+fn base_dir_of(path: &Path) -> PathBuf {
+    path.parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The app id a dovepush-push config error is about.
+fn push_error_app(e: &dovepush_push::ConfigError) -> &str {
+    match e {
+        dovepush_push::ConfigError::Invalid { app, .. }
+        | dovepush_push::ConfigError::File { app, .. } => app,
+    }
+}
+
+/// A dovepush-push config error as one of our problems: its key (`apps.apns.key_file`)
+/// becomes `apps[<index>].apns.key_file`; a file error names the file.
+fn push_problem(index: Option<usize>, e: &dovepush_push::ConfigError) -> ConfigProblem {
+    let key = e.key();
+    let key = match (index, key.strip_prefix("apps.")) {
+        (Some(i), Some(rest)) => format!("apps[{i}].{rest}"),
+        _ => key.to_owned(),
+    };
+    let message = match e {
+        dovepush_push::ConfigError::Invalid { message, .. } => message.clone(),
+        dovepush_push::ConfigError::File { path, message, .. } => {
+            format!("{}: {message}", path.display())
+        }
+    };
+    ConfigProblem { key, message }
+}
+
+/// Parses one `[[apps]]` entry (`apps[index]`), its `[apps.apns]` and `[apps.fcm]`, and,
+/// when the entry itself is fine, validates it by building its push senders.
+fn parse_app(r: &mut Reader, mut t: Table, index: usize) -> Option<AppConfig> {
+    let prefix = &format!("apps[{index}]");
+    let problems_before = r.problems.len();
     let id = r.string(&mut t, prefix, "id");
     match &id {
         None => r.bad(&format!("{prefix}.id"), "required"),
@@ -502,18 +578,125 @@ fn parse_app(r: &mut Reader, mut t: Table, prefix: &str) -> Option<AppConfig> {
         ),
         _ => {}
     }
-    let privacy = r.string(&mut t, prefix, "privacy").and_then(|p| {
-        let parsed = Privacy::parse(&p);
-        if parsed.is_none() {
+    let privacy = match r.string(&mut t, prefix, "privacy") {
+        None => DEFAULT_APP_PRIVACY,
+        Some(p) => Privacy::parse(&p).unwrap_or_else(|| {
             r.bad(
                 &format!("{prefix}.privacy"),
                 "expected \"full\", \"generic\" or \"silent\"",
             );
-        }
-        parsed
-    });
+            DEFAULT_APP_PRIVACY
+        }),
+    };
+    let generic_text = r
+        .string(&mut t, prefix, "generic_text")
+        .unwrap_or_else(|| DEFAULT_GENERIC_TEXT.to_owned());
+    if generic_text.trim().is_empty() {
+        r.bad(&format!("{prefix}.generic_text"), "must not be empty");
+    }
+    let ttl_secs = r.optional_integer(&mut t, prefix, "ttl_secs");
+    let apns = r
+        .subtable(&mut t, prefix, "apns")
+        .map(|sub| parse_apns(r, sub, &format!("{prefix}.apns")));
+    let fcm = r
+        .subtable(&mut t, prefix, "fcm")
+        .map(|sub| parse_fcm(r, sub, &format!("{prefix}.fcm")));
     r.finish(t, prefix);
-    id.map(|id| AppConfig { id, privacy })
+    let app = AppConfig {
+        privacy,
+        push: dovepush_push::AppConfig {
+            id: id.clone()?,
+            privacy: push_privacy(privacy),
+            generic_text,
+            ttl_secs,
+            apns: apns.flatten(),
+            fcm: fcm.flatten(),
+        },
+        id: id?,
+    };
+    if r.problems.len() == problems_before && app.has_transport() {
+        if let Err(e) = Pusher::from_config(std::slice::from_ref(&app.push), &r.base_dir) {
+            r.problems.push(push_problem(Some(index), &e));
+        }
+    }
+    Some(app)
+}
+
+/// Default `[[apps]] generic_text`.
+pub const DEFAULT_GENERIC_TEXT: &str = "New mail";
+
+/// Our privacy word as dovepush-push's.
+pub fn push_privacy(p: Privacy) -> dovepush_push::Privacy {
+    match p {
+        Privacy::Full => dovepush_push::Privacy::Full,
+        Privacy::Generic => dovepush_push::Privacy::Generic,
+        Privacy::Silent => dovepush_push::Privacy::Silent,
+    }
+}
+
+/// `[apps.apns]`. `None` when a required key is missing or malformed (reported).
+fn parse_apns(r: &mut Reader, mut t: Table, prefix: &str) -> Option<ApnsConfig> {
+    let before = r.problems.len();
+    let topic = r.string(&mut t, prefix, "topic");
+    match &topic {
+        None => r.bad(
+            &Reader::key(prefix, "topic"),
+            "required (the app's bundle id)",
+        ),
+        Some(topic) if topic.trim().is_empty() => {
+            r.bad(&Reader::key(prefix, "topic"), "must not be empty")
+        }
+        _ => {}
+    }
+    let environment = match r.string(&mut t, prefix, "environment").as_deref() {
+        None | Some("production") => ApnsEnvironment::Production,
+        Some("sandbox") => ApnsEnvironment::Sandbox,
+        Some(_) => {
+            r.bad(
+                &Reader::key(prefix, "environment"),
+                "expected \"production\" or \"sandbox\"",
+            );
+            ApnsEnvironment::Production
+        }
+    };
+    let config = ApnsConfig {
+        topic: topic.unwrap_or_default(),
+        environment,
+        team_id: r.string(&mut t, prefix, "team_id"),
+        key_id: r.string(&mut t, prefix, "key_id"),
+        key_file: r.path(&mut t, prefix, "key_file"),
+        cert_file: r.path(&mut t, prefix, "cert_file"),
+        cert_key_file: r.path(&mut t, prefix, "cert_key_file"),
+        cert_password_file: r.path(&mut t, prefix, "cert_password_file"),
+        endpoint: r.string(&mut t, prefix, "endpoint"),
+        ca_file: r.path(&mut t, prefix, "ca_file"),
+        request_timeout_secs: r.optional_integer(&mut t, prefix, "request_timeout_secs"),
+    };
+    r.finish(t, prefix);
+    (r.problems.len() == before).then_some(config)
+}
+
+/// `[apps.fcm]`. `None` when a required key is missing or malformed (reported).
+fn parse_fcm(r: &mut Reader, mut t: Table, prefix: &str) -> Option<FcmConfig> {
+    let before = r.problems.len();
+    let service_account_file = r.path(&mut t, prefix, "service_account_file");
+    if service_account_file.is_none() && r.problems.len() == before {
+        r.bad(
+            &Reader::key(prefix, "service_account_file"),
+            "required (the service-account JSON from the Firebase console)",
+        );
+    }
+    let endpoint = r.string(&mut t, prefix, "endpoint");
+    let ca_file = r.path(&mut t, prefix, "ca_file");
+    let request_timeout_secs = r.optional_integer(&mut t, prefix, "request_timeout_secs");
+    r.finish(t, prefix);
+    let config = FcmConfig {
+        service_account_file: service_account_file?,
+        endpoint,
+        ca_file,
+        request_timeout_secs,
+    };
+    (r.problems.len() == before).then_some(config)
 }
 
 /// App ids: short, printable, safe in logs and metric labels.
@@ -620,6 +803,29 @@ impl Reader {
             Some(_) => {
                 self.bad(&Self::key(prefix, key), "expected a non-negative integer");
                 default
+            }
+        }
+    }
+
+    fn optional_integer(&mut self, t: &mut Table, prefix: &str, key: &str) -> Option<u64> {
+        match t.remove(key) {
+            None => None,
+            Some(Value::Integer(i)) if i >= 0 => Some(i as u64),
+            Some(_) => {
+                self.bad(&Self::key(prefix, key), "expected a non-negative integer");
+                None
+            }
+        }
+    }
+
+    /// A sub-table `key` of `t`, if present.
+    fn subtable(&mut self, t: &mut Table, prefix: &str, key: &str) -> Option<Table> {
+        match t.remove(key) {
+            None => None,
+            Some(Value::Table(sub)) => Some(sub),
+            Some(_) => {
+                self.bad(&Self::key(prefix, key), "expected a table");
+                None
             }
         }
     }
@@ -732,7 +938,7 @@ tls = "sometimes"
 privacy = "loud"
 [[apps]]
 id = "x"
-apns = { topic = "a" }
+apns = { topic = "a", colour = "red" }
 "#,
         )
         .unwrap_err();
@@ -746,7 +952,7 @@ apns = { topic = "a" }
                 "dovecot.tls",
                 "apps[0].id",
                 "apps[0].privacy",
-                "apps[1].apns",
+                "apps[1].apns.colour",
             ]
         );
         let text = err.to_string();
@@ -824,10 +1030,10 @@ master_password_file = "missing"
         ))
         .unwrap();
         assert_eq!(c.apps.len(), 2);
-        assert_eq!(
-            c.app("mail.example").unwrap().privacy,
-            Some(Privacy::Generic)
-        );
+        assert_eq!(c.app("mail.example").unwrap().privacy, Privacy::Generic);
+        assert_eq!(c.app("other").unwrap().privacy, DEFAULT_APP_PRIVACY);
+        assert!(!c.app("other").unwrap().has_transport());
+        assert!(c.push_apps().is_empty());
         assert_eq!(c.outbox.retry_initial, Duration::from_secs(2));
         assert_eq!(c.outbox.coalesce, Duration::ZERO);
         let err = parse(&format!(
@@ -835,6 +1041,152 @@ master_password_file = "missing"
         ))
         .unwrap_err();
         assert_eq!(keys(&err), vec!["apps[1].id"]);
+    }
+
+    /// A P-256 key in PKCS#8 PEM, like Apple's `.p8`.
+    fn p8_key() -> String {
+        use base64::Engine;
+        let rng = ring::rand::SystemRandom::new();
+        let der = ring::signature::EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &rng,
+        )
+        .unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        let lines: Vec<_> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            lines.join("\n")
+        )
+    }
+
+    const APPS: &str = r#"
+[[apps]]
+id = "com.example.mail"
+privacy = "full"
+generic_text = "You have mail"
+ttl_secs = 3600
+[apps.apns]
+topic = "com.example.mail"
+environment = "sandbox"
+team_id = "ABCDE12345"
+key_id = "KEY1234567"
+key_file = "keys/AuthKey.p8"
+endpoint = "https://127.0.0.1:9443"
+request_timeout_secs = 5
+[apps.fcm]
+service_account_file = "firebase.json"
+endpoint = "https://127.0.0.1:9444"
+"#;
+
+    fn service_account() -> String {
+        serde_json::json!({
+            "type": "service_account",
+            "project_id": "p",
+            "private_key_id": "k",
+            "private_key": dovepush_mocks::TEST_ONLY_SERVICE_ACCOUNT_KEY,
+            "client_email": "x@p.iam.gserviceaccount.com",
+            "token_uri": "https://127.0.0.1:9444/token",
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn documented_apps_tables_are_read_with_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        std::fs::write(dir.path().join("keys/AuthKey.p8"), p8_key()).unwrap();
+        let path = dir.path().join("receiver.toml");
+        // Without the FCM file: the error names the key, the file and our config file.
+        let err = Config::parse(&format!("{MINIMAL}{APPS}"), &path).unwrap_err();
+        assert_eq!(keys(&err), vec!["apps[0].fcm.service_account_file"]);
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "{}: `apps[0].fcm.service_account_file`: {}",
+                path.display(),
+                dir.path().join("firebase.json").display()
+            )),
+            "{text}"
+        );
+        std::fs::write(dir.path().join("firebase.json"), service_account()).unwrap();
+        let c = Config::parse(&format!("{MINIMAL}{APPS}"), &path).unwrap_or_else(|e| panic!("{e}"));
+        let app = c.app("com.example.mail").unwrap();
+        assert_eq!(app.privacy, Privacy::Full);
+        assert!(app.has_transport());
+        assert_eq!(app.push.generic_text, "You have mail");
+        assert_eq!(app.push.ttl_secs, Some(3600));
+        assert_eq!(app.push.privacy, dovepush_push::Privacy::Full);
+        let apns = app.push.apns.as_ref().unwrap();
+        assert_eq!(apns.environment, ApnsEnvironment::Sandbox);
+        assert_eq!(
+            apns.key_file.as_deref(),
+            Some(dir.path().join("keys/AuthKey.p8").as_path())
+        );
+        assert_eq!(apns.request_timeout_secs, Some(5));
+        assert_eq!(
+            app.push.fcm.as_ref().unwrap().service_account_file,
+            dir.path().join("firebase.json")
+        );
+        assert!(c.pusher().is_ok());
+    }
+
+    #[test]
+    fn bad_apps_tables_name_every_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("receiver.toml");
+        let text = format!(
+            r#"{MINIMAL}
+[[apps]]
+id = "a"
+ttl_secs = "long"
+[apps.apns]
+environment = "staging"
+colour = 1
+[apps.fcm]
+endpoint = "https://x"
+[[apps]]
+id = "b"
+[apps.apns]
+topic = "b"
+team_id = "T"
+key_id = "K"
+key_file = "missing.p8"
+[[apps]]
+id = "c"
+fcm = "nope"
+[[apps]]
+id = "d"
+[apps.apns]
+topic = "d"
+cert_file = "push.p12"
+"#
+        );
+        let err = Config::parse(&text, &path).unwrap_err();
+        assert_eq!(
+            keys(&err),
+            vec![
+                "apps[0].ttl_secs",
+                "apps[0].apns.topic",
+                "apps[0].apns.environment",
+                "apps[0].apns.colour",
+                "apps[0].fcm.service_account_file",
+                "apps[1].apns.key_file",
+                "apps[2].fcm",
+                "apps[3].apns.cert_file",
+            ],
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(&dir.path().join("missing.p8").display().to_string()),
+            "{text}"
+        );
+        assert!(text.contains("openssl pkcs12"), "{text}");
     }
 
     #[test]

@@ -22,7 +22,8 @@
 //! know nothing of HTTP, and the domain knows no provider or SQL details beyond the traits.
 //!
 //! The library entry point is [`run`] (or [`run_with`] to inject the mail server). Both
-//! take an already bound listener, so tests bind port 0, and a shutdown future.
+//! take an already bound listener, so tests bind port 0, the transports (the real ones:
+//! [`transport::push::transports_from_config`]) and a shutdown future.
 
 pub mod cli;
 pub mod config;
@@ -91,7 +92,7 @@ pub async fn run_with(
 ) -> Result<(), RunError> {
     let tls = config.server.tls.as_ref().map(server_tls).transpose()?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_push_outcomes(transports.push_outcomes()));
     let wake = Arc::new(Notify::new());
     if transports.is_empty() {
         tracing::warn!("No push transports configured: pushes stay queued until their deadline.");
@@ -100,7 +101,20 @@ pub async fn run_with(
     let apps: HashMap<_, _> = config
         .apps
         .iter()
-        .map(|a| (a.id.clone(), a.privacy))
+        .map(|a| (a.id.clone(), Some(a.privacy)))
+        .collect();
+    let app_transports: HashMap<_, _> = config
+        .apps
+        .iter()
+        .filter(|a| a.has_transport())
+        .map(|a| {
+            let kinds = [
+                (a.push.apns.is_some(), transport::TransportKind::Apns),
+                (a.push.fcm.is_some(), transport::TransportKind::Fcm),
+            ];
+            let kinds = kinds.iter().filter(|(on, _)| *on).map(|(_, k)| *k);
+            (a.id.clone(), kinds.collect::<Vec<_>>())
+        })
         .collect();
     let state = Arc::new(http::AppState {
         notify_user: config.notify.username.clone(),
@@ -117,7 +131,8 @@ pub async fn run_with(
             mail.clone(),
             CredentialCache::new(config.dovecot.auth_cache),
             apps,
-        ),
+        )
+        .with_app_transports(app_transports),
         store: store.clone(),
         metrics: metrics.clone(),
     });

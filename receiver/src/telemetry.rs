@@ -3,12 +3,14 @@
 //!
 //! Metrics are plain atomics owned by one [`Metrics`] value that is created by `run` and
 //! passed down (no globals). Labels come only from small fixed sets (transport kind,
-//! outcome class); user names and device tokens are never labels.
+//! outcome class) or bounded ones ([`PushOutcomes`]: configured app ids and the providers'
+//! reason words, capped at [`MAX_OUTCOME_SERIES`]); user names and device tokens are never
+//! labels.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::transport::TransportKind;
@@ -44,6 +46,94 @@ impl FailureClass {
     }
 }
 
+/// Most distinct `dovepush_push_outcomes_total` series; further reasons count as `other`.
+pub const MAX_OUTCOME_SERIES: usize = 512;
+
+/// One `dovepush_push_outcomes_total` series.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct OutcomeSeries {
+    app: String,
+    transport: TransportKind,
+    outcome: &'static str,
+    reason: String,
+}
+
+/// What the push providers answered, by app, transport, outcome class and the provider's
+/// reason (`Unregistered`, `BadDeviceToken`, `UNAVAILABLE`, `timeout`, `ok`, …). Recorded by
+/// the transports (see [`crate::transport::push`]), rendered with the other metrics.
+#[derive(Debug, Default)]
+pub struct PushOutcomes {
+    counts: Mutex<BTreeMap<OutcomeSeries, u64>>,
+}
+
+impl PushOutcomes {
+    /// Counts one answer. `app` and `reason` are reduced to `[A-Za-z0-9_.-]` (≤ 64 chars).
+    pub fn record(&self, app: &str, transport: TransportKind, outcome: &'static str, reason: &str) {
+        let mut series = OutcomeSeries {
+            app: label_value(app),
+            transport,
+            outcome,
+            reason: label_value(reason),
+        };
+        let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= MAX_OUTCOME_SERIES && !m.contains_key(&series) {
+            series.reason = "other".to_owned();
+        }
+        *m.entry(series).or_default() += 1;
+    }
+
+    /// The count of one series.
+    pub fn count(&self, app: &str, transport: TransportKind, outcome: &str, reason: &str) -> u64 {
+        let m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .filter(|(s, _)| {
+                s.app == app
+                    && s.transport == transport
+                    && s.outcome == outcome
+                    && s.reason == reason
+            })
+            .map(|(_, v)| *v)
+            .sum()
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP dovepush_push_outcomes_total Push provider answers by app, transport, outcome class and provider reason.\n# TYPE dovepush_push_outcomes_total counter"
+        );
+        let m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        for (s, v) in m.iter() {
+            let _ = writeln!(
+                out,
+                "dovepush_push_outcomes_total{{app=\"{}\",transport=\"{}\",outcome=\"{}\",reason=\"{}\"}} {v}",
+                s.app,
+                s.transport.as_str(),
+                s.outcome,
+                s.reason
+            );
+        }
+    }
+}
+
+/// A label value safe to print unescaped: `[A-Za-z0-9_.-]`, at most 64 chars, never empty.
+fn label_value(raw: &str) -> String {
+    let mut out: String = raw
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if out.is_empty() {
+        out.push_str("unknown");
+    }
+    out
+}
+
 /// All counters and gauges of one receiver.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -58,6 +148,7 @@ pub struct Metrics {
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
+    push_outcomes: Arc<PushOutcomes>,
 }
 
 fn kind_index(k: TransportKind) -> usize {
@@ -70,6 +161,14 @@ fn kind_index(k: TransportKind) -> usize {
 impl Metrics {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Metrics that also render `outcomes` (the transports' provider-outcome counters).
+    pub fn with_push_outcomes(outcomes: Arc<PushOutcomes>) -> Self {
+        Self {
+            push_outcomes: outcomes,
+            ..Self::default()
+        }
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {
@@ -173,6 +272,7 @@ impl Metrics {
                 );
             }
         }
+        self.push_outcomes.render(&mut out);
         let _ = writeln!(
             out,
             "# HELP dovepush_outbox_depth Outbox items waiting or in flight.\n# TYPE dovepush_outbox_depth gauge\ndovepush_outbox_depth {queue_depth}"
@@ -234,5 +334,28 @@ mod tests {
         assert!(text.contains("dovepush_ingest_latency_seconds_bucket{le=\"0.001\"} 1\n"));
         assert!(text.contains("dovepush_ingest_latency_seconds_bucket{le=\"+Inf\"} 2\n"));
         assert!(text.contains("dovepush_ingest_latency_seconds_count 2\n"));
+    }
+
+    #[test]
+    fn provider_outcomes_are_labelled_and_bounded() {
+        let outcomes = Arc::new(PushOutcomes::default());
+        let m = Metrics::with_push_outcomes(outcomes.clone());
+        outcomes.record("mail", TransportKind::Apns, "delete_device", "Unregistered");
+        outcomes.record("mail", TransportKind::Apns, "delete_device", "Unregistered");
+        outcomes.record("mail", TransportKind::Fcm, "retry", "bad\"label}");
+        let text = m.render(0);
+        assert!(text.contains(
+            "dovepush_push_outcomes_total{app=\"mail\",transport=\"apns\",outcome=\"delete_device\",reason=\"Unregistered\"} 2\n"
+        ), "{text}");
+        assert!(text.contains("reason=\"bad_label_\"} 1\n"), "{text}");
+        assert_eq!(
+            outcomes.count("mail", TransportKind::Apns, "delete_device", "Unregistered"),
+            2
+        );
+        for i in 0..2 * MAX_OUTCOME_SERIES {
+            outcomes.record("mail", TransportKind::Fcm, "drop", &format!("r{i}"));
+        }
+        assert!(outcomes.counts.lock().unwrap().len() <= MAX_OUTCOME_SERIES + 1);
+        assert!(outcomes.count("mail", TransportKind::Fcm, "drop", "other") > 0);
     }
 }

@@ -73,6 +73,68 @@ colour = "red"
     assert!(text(&out.stdout).contains("OK"));
 }
 
+#[test]
+fn push_app_keys_are_checked_with_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dovepush_mocks::ProviderKey::generate("TEAMAAAAAA", "KEYAAAAAAA");
+    let apps = "privacy = \"full\"\n[apps.apns]\ntopic = \"com.example.mail\"\n\
+                team_id = \"TEAMAAAAAA\"\nkey_id = \"KEYAAAAAAA\"\nkey_file = \"keys/AuthKey.p8\"\n\
+                [apps.fcm]\nservice_account_file = \"firebase.json\"\nendpoint = \"ftp://x\"\n";
+    let path = dir.path().join("receiver.toml");
+    std::fs::write(&path, config_text(dir.path(), apps)).unwrap();
+    for command in ["check-config", "serve"] {
+        let out = cli(&[command, "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(64), "{command}");
+        let err = text(&out.stderr);
+        // Relative paths resolve against the config file's directory.
+        assert!(
+            err.contains(&format!(
+                "{}: `apps[0].apns.key_file`: {}: cannot read",
+                path.display(),
+                dir.path().join("keys/AuthKey.p8").display()
+            )),
+            "{err}"
+        );
+    }
+    // With the key in place the next problem is named: the FCM file, then its endpoint.
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    std::fs::write(dir.path().join("keys/AuthKey.p8"), &key.p8_pem).unwrap();
+    let out = cli(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("`apps[0].fcm.service_account_file`"),
+        "{}",
+        text(&out.stderr)
+    );
+    let fcm = serde_json::json!({
+        "type": "service_account",
+        "project_id": "mock-project",
+        "private_key_id": "0123",
+        "private_key": dovepush_mocks::TEST_ONLY_SERVICE_ACCOUNT_KEY,
+        "client_email": dovepush_mocks::TEST_CLIENT_EMAIL,
+        "token_uri": "https://127.0.0.1:9444/token",
+    })
+    .to_string();
+    std::fs::write(dir.path().join("firebase.json"), fcm).unwrap();
+    let out = cli(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("`apps[0].fcm.endpoint`"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::write(
+        &path,
+        config_text(
+            dir.path(),
+            &apps.replace("ftp://x", "https://127.0.0.1:9444"),
+        ),
+    )
+    .unwrap();
+    let out = cli(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
 #[tokio::test]
 async fn subscriptions_and_queue_commands() {
     let dir = tempfile::tempdir().unwrap();

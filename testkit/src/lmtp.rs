@@ -58,7 +58,8 @@ impl LmtpClient {
     /// Deliver `message` to `recipients`; returns the time from the end of DATA to the
     /// last recipient's reply.
     pub fn deliver(&mut self, recipients: &[&str], message: &[u8]) -> io::Result<Duration> {
-        self.deliver_timed(recipients, message).map(|(_, latency)| latency)
+        self.deliver_timed(recipients, message)
+            .map(|(_, latency)| latency)
     }
 
     /// As [`LmtpClient::deliver`], also returning when the end of DATA was written.

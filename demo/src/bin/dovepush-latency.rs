@@ -1,5 +1,5 @@
-//! End-to-end latency benchmark (not a test): real Dovecot + dovepush plugin + receiver
-//! + mock APNs. Deliveries at a fixed rate over LMTP; for each, the time from the end of
+//! End-to-end latency benchmark (not a test): real Dovecot, the dovepush plugin, the
+//! receiver and a mock APNs. Deliveries at a fixed rate over LMTP; for each, the time from the end of
 //! LMTP DATA to the push request arriving at the mock APNs. Prints a table.
 //!
 //! Environment: DOVEPUSH_LATENCY_RATE (deliveries/s, 200), DOVEPUSH_LATENCY_SECONDS
@@ -36,7 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let users: Vec<(String, String)> = (0..user_count)
         .map(|i| (format!("user{i:03}"), format!("secret{i}")))
         .collect();
-    // Send each event at once: this measures the path, not the coalescing window.
+    // The receiver's default (no coalescing window), stated for clarity.
     let stack = Stack::start(&users, "[outbox]\ncoalesce_milliseconds = 0\n").await?;
     for (i, (user, password)) in users.iter().enumerate() {
         let token = format!("{:064x}", 0xd0e0_0000u64 + i as u64);

@@ -38,6 +38,9 @@ pub struct Device {
     pub privacy: Privacy,
     /// Milliseconds since the epoch.
     pub created_at: i64,
+    /// When the device last registered (created or updated by `PUT /v1/devices`), ms since
+    /// the epoch. A provider's "unregistered at" older than this must not delete it.
+    pub registered_at: i64,
     pub last_success_at: Option<i64>,
     pub last_error: Option<String>,
     pub last_error_at: Option<i64>,

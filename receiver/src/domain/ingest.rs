@@ -37,8 +37,14 @@ impl Ingest {
 
     /// Commits `event`; resolves once it is durable.
     pub async fn accept(&self, event: NewMailEvent) -> Result<IngestOutcome, StoreError> {
-        let user = event.user.clone();
-        let event_id = event.event_id.clone();
+        // Only the debug logs need the user and event id after the store took the event:
+        // copy them only when those logs are on (this is the hot path).
+        let logged = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| (event.user.clone(), event.event_id.clone()));
+        let (user, event_id) = match &logged {
+            Some((user, event_id)) => (user.as_str(), event_id.as_deref()),
+            None => ("", None),
+        };
         let due_at = event.received_at + self.coalesce.as_millis() as i64;
         let outcome = self.store.ingest(event, due_at).await?;
         let m = &self.metrics;

@@ -14,7 +14,7 @@ use super::device::{parse_registration, valid_login, Device, DeviceRegistration}
 use super::{now_millis, FieldError};
 use crate::mailserver::{subscription_value, MailError, MailServer, SubscriptionChange};
 use crate::store::{RegisterOutcome, Store, StoreError};
-use crate::transport::Privacy;
+use crate::transport::{Privacy, TransportKind};
 
 /// Why a registry call failed.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +62,9 @@ pub struct Registry {
     locks: UserLocks,
     /// App id → default privacy, for the configured apps.
     apps: HashMap<String, Option<Privacy>>,
+    /// App id → the transport kinds it can push through, for apps that configure any
+    /// (apps not listed accept every kind).
+    app_transports: HashMap<String, Vec<TransportKind>>,
 }
 
 impl Registry {
@@ -77,7 +80,18 @@ impl Registry {
             cache,
             locks: UserLocks::default(),
             apps,
+            app_transports: HashMap::new(),
         }
+    }
+
+    /// Restricts registrations of the listed apps to their transport kinds: a device the
+    /// app cannot push to is refused (400, field `transport`) instead of waiting forever.
+    pub fn with_app_transports(
+        mut self,
+        app_transports: HashMap<String, Vec<TransportKind>>,
+    ) -> Self {
+        self.app_transports = app_transports;
+        self
     }
 
     /// Checks credentials (cache first), without touching the subscription.
@@ -142,6 +156,18 @@ impl Registry {
                 return Err(RegistryError::Invalid(field_error));
             }
         };
+        if let Some(kinds) = self.app_transports.get(&registration.app) {
+            if !kinds.contains(&registration.transport) {
+                self.authenticate(login, password).await?;
+                return Err(RegistryError::Invalid(FieldError::new(
+                    "transport",
+                    format!(
+                        "app {} has no {} transport configured",
+                        registration.app, registration.transport
+                    ),
+                )));
+            }
+        }
         let existing = self.store.devices_of(login.to_owned()).await?;
         if existing.is_empty() {
             self.login_with(

@@ -3,10 +3,13 @@
 
 use std::time::Instant;
 
+use bytes::Bytes;
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::{Request, StatusCode};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Request, Response};
 
-use super::error::{json_response, ApiError, HttpResponse};
+use super::error::{ApiError, HttpResponse};
 use super::{auth, read_body, AppState};
 use crate::domain::event::{parse_notification, validate_event_id};
 use crate::domain::now_millis;
@@ -18,6 +21,8 @@ pub const PATH: &str = "/preliminary/http-notify/v1/notify";
 pub const MAX_BODY: usize = 64 * 1024;
 /// Header carrying the plugin's event id.
 pub const EVENT_ID_HEADER: &str = "x-dovepush-event-id";
+/// The answer to an accepted notification (a static body: nothing to serialise per request).
+const ACCEPTED_BODY: &[u8] = br#"{"success":true}"#;
 
 pub async fn handle(
     state: &AppState,
@@ -45,8 +50,27 @@ async fn accept(state: &AppState, req: Request<Incoming>) -> Result<HttpResponse
         tracing::error!(error = %e, "Cannot commit a notification.");
         ApiError::unavailable("store unavailable, try again later")
     })?;
-    Ok(json_response(
-        StatusCode::OK,
-        &serde_json::json!({ "success": true }),
-    ))
+    Ok(accepted())
+}
+
+/// `200 {"success":true}`.
+fn accepted() -> HttpResponse {
+    let mut resp = Response::new(Full::new(Bytes::from_static(ACCEPTED_BODY)));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_answer_is_the_ox_success_body() {
+        let resp = accepted();
+        assert_eq!(resp.status(), hyper::StatusCode::OK);
+        assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+        let body: serde_json::Value = serde_json::from_slice(ACCEPTED_BODY).unwrap();
+        assert_eq!(body, serde_json::json!({ "success": true }));
+    }
 }

@@ -2,8 +2,11 @@
 //!
 //! Owns the [`Transport`] trait, the [`Push`] it is given, the [`Outcome`] classes every
 //! provider's answer is reduced to, and the [`Transports`] map the receiver is started with.
-//! Real providers live in their own crate and are injected into [`crate::run`]; this module
-//! has no provider code and no network access.
+//! The real providers live in the dovepush-push crate; [`push`] adapts them to this trait
+//! and builds the [`Transports`] of a config. Anything implementing [`Transport`] can be
+//! injected into [`crate::run`] instead.
+
+pub mod push;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -11,6 +14,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+use crate::telemetry::PushOutcomes;
 
 /// Which push service a device is reached through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -93,6 +98,9 @@ pub struct Push {
     /// The provider's device token. Never log it whole.
     pub token: String,
     pub privacy: Privacy,
+    /// When the device last registered (ms since the epoch): a provider's "unregistered
+    /// at" older than this must not delete the device.
+    pub registered_at: i64,
     /// The mail login the event was for.
     pub user: String,
     /// The newest event merged into this push.
@@ -141,17 +149,24 @@ pub trait Transport: Send + Sync {
 }
 
 /// The transports a receiver runs with: per app and kind, with an optional
-/// catch-all per kind.
+/// catch-all per kind. It also carries the provider-outcome counters its transports
+/// record into and `/metrics` renders.
 #[derive(Clone, Default)]
 pub struct Transports {
     by_app: HashMap<(String, TransportKind), Arc<dyn Transport>>,
     by_kind: HashMap<TransportKind, Arc<dyn Transport>>,
+    outcomes: Arc<PushOutcomes>,
 }
 
 impl Transports {
     /// No transports: pushes stay queued (retrying) until their deadline.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The provider-outcome counters shared by this registry's transports.
+    pub fn push_outcomes(&self) -> Arc<PushOutcomes> {
+        self.outcomes.clone()
     }
 
     /// Uses `transport` for devices of `app` reached through `kind`.
@@ -241,6 +256,7 @@ mod tests {
             transport: TransportKind::Apns,
             token: "t".into(),
             privacy: Privacy::Full,
+            registered_at: 0,
             user: "u".into(),
             event_id: None,
             folder: "INBOX".into(),
