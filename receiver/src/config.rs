@@ -580,7 +580,7 @@ fn parse_app(r: &mut Reader, mut t: Table, index: usize) -> Option<AppConfig> {
     }
     let privacy = match r.string(&mut t, prefix, "privacy") {
         None => DEFAULT_APP_PRIVACY,
-        Some(p) => Privacy::parse(&p).unwrap_or_else(|| {
+        Some(p) => p.parse::<Privacy>().ok().unwrap_or_else(|| {
             r.bad(
                 &format!("{prefix}.privacy"),
                 "expected \"full\", \"generic\" or \"silent\"",
@@ -606,7 +606,7 @@ fn parse_app(r: &mut Reader, mut t: Table, index: usize) -> Option<AppConfig> {
         privacy,
         push: dovepush_push::AppConfig {
             id: id.clone()?,
-            privacy: push_privacy(privacy),
+            privacy,
             generic_text,
             ttl_secs,
             apns: apns.flatten(),
@@ -624,15 +624,6 @@ fn parse_app(r: &mut Reader, mut t: Table, index: usize) -> Option<AppConfig> {
 
 /// Default `[[apps]] generic_text`.
 pub const DEFAULT_GENERIC_TEXT: &str = "New mail";
-
-/// Our privacy word as dovepush-push's.
-pub fn push_privacy(p: Privacy) -> dovepush_push::Privacy {
-    match p {
-        Privacy::Full => dovepush_push::Privacy::Full,
-        Privacy::Generic => dovepush_push::Privacy::Generic,
-        Privacy::Silent => dovepush_push::Privacy::Silent,
-    }
-}
 
 /// `[apps.apns]`. `None` when a required key is missing or malformed (reported).
 fn parse_apns(r: &mut Reader, mut t: Table, prefix: &str) -> Option<ApnsConfig> {
@@ -1120,7 +1111,7 @@ endpoint = "https://127.0.0.1:9444"
         assert!(app.has_transport());
         assert_eq!(app.push.generic_text, "You have mail");
         assert_eq!(app.push.ttl_secs, Some(3600));
-        assert_eq!(app.push.privacy, dovepush_push::Privacy::Full);
+        assert_eq!(app.push.privacy, Privacy::Full);
         let apns = app.push.apns.as_ref().unwrap();
         assert_eq!(apns.environment, ApnsEnvironment::Sandbox);
         assert_eq!(

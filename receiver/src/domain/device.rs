@@ -121,7 +121,7 @@ pub fn parse_registration(
         };
     let privacy = match string("privacy")? {
         None => default_privacy.unwrap_or(Privacy::Full),
-        Some(p) => Privacy::parse(&p).ok_or_else(|| {
+        Some(p) => p.parse::<Privacy>().ok().ok_or_else(|| {
             FieldError::new("privacy", "expected \"full\", \"generic\" or \"silent\"")
         })?,
     };

@@ -806,7 +806,9 @@ fn device_from_row(r: &Row<'_>, at: usize, pending: u64) -> rusqlite::Result<Dev
             .ok_or_else(|| bad(3, format!("unknown transport {transport:?}")))?,
         token: r.get(at + 4)?,
         mailboxes: serde_json::from_str(&mailboxes).map_err(|e| bad(5, e.to_string()))?,
-        privacy: Privacy::parse(&privacy)
+        privacy: privacy
+            .parse::<Privacy>()
+            .ok()
             .ok_or_else(|| bad(6, format!("unknown privacy {privacy:?}")))?,
         created_at: r.get(at + 7)?,
         last_success_at: r.get(at + 8)?,

@@ -52,37 +52,9 @@ impl fmt::Display for TransportKind {
     }
 }
 
-/// How much of a mail a push may reveal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Privacy {
-    /// Sender, subject and snippet are sent.
-    Full,
-    /// A generic alert ("New mail") with the unseen count only.
-    Generic,
-    /// A background wake-up with no visible alert.
-    Silent,
-}
-
-impl Privacy {
-    /// The wire name (`full`, `generic`, `silent`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Privacy::Full => "full",
-            Privacy::Generic => "generic",
-            Privacy::Silent => "silent",
-        }
-    }
-
-    /// Parses the wire name.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "full" => Some(Privacy::Full),
-            "generic" => Some(Privacy::Generic),
-            "silent" => Some(Privacy::Silent),
-            _ => None,
-        }
-    }
-}
+/// How much of a mail a push may reveal: the transports' own type, so the word a device
+/// registered with reaches the payload builder unchanged.
+pub use dovepush_push::Privacy;
 
 /// One push to one device, as the outbox hands it to a transport.
 ///
@@ -232,9 +204,6 @@ mod tests {
     fn names_round_trip() {
         for k in TransportKind::ALL {
             assert_eq!(TransportKind::parse(k.as_str()), Some(k));
-        }
-        for p in [Privacy::Full, Privacy::Generic, Privacy::Silent] {
-            assert_eq!(Privacy::parse(p.as_str()), Some(p));
         }
         assert_eq!(TransportKind::parse("APNS"), None);
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use dovepush_push::{Device, DeviceKind, Notification, Pusher};
 
 use super::{Outcome, Push, SendFuture, Transport, TransportKind, Transports};
-use crate::config::{push_privacy, Config, ConfigError};
+use crate::config::{Config, ConfigError};
 use crate::telemetry::PushOutcomes;
 
 /// One [`Pusher`] (all configured apps) as a receiver [`Transport`].
@@ -49,7 +49,7 @@ pub fn provider_view(push: &Push) -> (Device, Notification) {
         kind: device_kind(push.transport),
         token: push.token.clone(),
         // The registry resolved it at registration: the device's choice, else the app's default.
-        privacy: Some(push_privacy(push.privacy)),
+        privacy: Some(push.privacy),
         registered_at: Some(
             UNIX_EPOCH + Duration::from_millis(u64::try_from(push.registered_at).unwrap_or(0)),
         ),
@@ -152,7 +152,7 @@ mod tests {
         let (d, n) = provider_view(&push());
         assert_eq!(d.app_id, "mail");
         assert_eq!(d.kind, DeviceKind::Fcm);
-        assert_eq!(d.privacy, Some(dovepush_push::Privacy::Silent));
+        assert_eq!(d.privacy, Some(Privacy::Silent));
         assert_eq!(
             d.registered_at,
             Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123))
