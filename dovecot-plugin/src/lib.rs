@@ -29,7 +29,7 @@ use dovepush_ffi::{Commit, LogLevel, Mailbox, Plugin, SavedMail, User};
 use crate::config::{Config, Endpoint};
 use crate::event::{Event, EventIds};
 use crate::job::{now_ms, Job};
-use crate::sender::{Level, LogQueue, Sender, Submission};
+use crate::sender::{LogQueue, Sender, Submission};
 use crate::spool::Spool;
 use crate::subscription::{SubscriptionCache, METADATA_KEY};
 
@@ -60,15 +60,6 @@ pub struct Delivery {
     subscriber: String,
     active: Arc<Active>,
     mails: Vec<SavedMail>,
-}
-
-fn ffi_level(level: Level) -> LogLevel {
-    match level {
-        Level::Debug => LogLevel::Debug,
-        Level::Info => LogLevel::Info,
-        Level::Warning => LogLevel::Warning,
-        Level::Error => LogLevel::Error,
-    }
 }
 
 /// The raw `dovepush*` settings of a user: the fixed names plus the numbered endpoints.
@@ -104,7 +95,7 @@ fn raw_settings(user: &User<'_>) -> Vec<(String, String)> {
 impl Dovepush {
     fn flush_logs(&self) {
         for line in self.logs.take() {
-            dovepush_ffi::log(ffi_level(line.level), &line.text);
+            dovepush_ffi::log(line.level, &line.text);
         }
     }
 

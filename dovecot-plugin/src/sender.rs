@@ -31,6 +31,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use dovepush_ffi::LogLevel as Level;
+
 use crate::event::EVENT_ID_HEADER;
 use crate::job::Job;
 use crate::spool::Spool;
@@ -42,15 +44,6 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const THREAD_STACK: usize = 1024 * 1024;
 const USER_AGENT: &str = concat!("dovepush/", env!("CARGO_PKG_VERSION"));
-
-/// Severity of a queued log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
-    Debug,
-    Info,
-    Warning,
-    Error,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogLine {
