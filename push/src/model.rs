@@ -55,7 +55,7 @@ impl FromStr for Privacy {
 }
 
 /// Which push service a device token belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     Apns,
@@ -63,10 +63,37 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
+    /// All kinds, in label order.
+    pub const ALL: [DeviceKind; 2] = [DeviceKind::Apns, DeviceKind::Fcm];
+
+    /// The config/API and metric-label spelling: `apns` or `fcm`.
     pub fn as_str(self) -> &'static str {
         match self {
             DeviceKind::Apns => "apns",
             DeviceKind::Fcm => "fcm",
+        }
+    }
+}
+
+/// A device kind word that is neither `apns` nor `fcm`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownDeviceKind(pub String);
+
+impl fmt::Display for UnknownDeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown device kind {:?} (expected apns or fcm)", self.0)
+    }
+}
+
+impl std::error::Error for UnknownDeviceKind {}
+
+impl FromStr for DeviceKind {
+    type Err = UnknownDeviceKind;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "apns" => Ok(DeviceKind::Apns),
+            "fcm" => Ok(DeviceKind::Fcm),
+            other => Err(UnknownDeviceKind(other.to_owned())),
         }
     }
 }

@@ -78,7 +78,9 @@ pub fn parse_registration(
         return Err(FieldError::new("app", "unknown app id"));
     };
     let transport = string("transport")?.ok_or_else(|| FieldError::new("transport", "missing"))?;
-    let transport = TransportKind::parse(&transport)
+    let transport = transport
+        .parse::<TransportKind>()
+        .ok()
         .ok_or_else(|| FieldError::new("transport", "expected \"apns\" or \"fcm\""))?;
     let token = string("token")?.ok_or_else(|| FieldError::new("token", "missing"))?;
     if !valid_token(&token) {

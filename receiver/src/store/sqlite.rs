@@ -802,7 +802,9 @@ fn device_from_row(r: &Row<'_>, at: usize, pending: u64) -> rusqlite::Result<Dev
         id: r.get(at)?,
         user: r.get(at + 1)?,
         app: r.get(at + 2)?,
-        transport: TransportKind::parse(&transport)
+        transport: transport
+            .parse::<TransportKind>()
+            .ok()
             .ok_or_else(|| bad(3, format!("unknown transport {transport:?}")))?,
         token: r.get(at + 4)?,
         mailboxes: serde_json::from_str(&mailboxes).map_err(|e| bad(5, e.to_string()))?,

@@ -17,40 +17,8 @@ use std::time::Duration;
 
 use crate::telemetry::PushOutcomes;
 
-/// Which push service a device is reached through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum TransportKind {
-    Apns,
-    Fcm,
-}
-
-impl TransportKind {
-    /// All kinds, in label order.
-    pub const ALL: [TransportKind; 2] = [TransportKind::Apns, TransportKind::Fcm];
-
-    /// The wire and label name (`apns`, `fcm`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TransportKind::Apns => "apns",
-            TransportKind::Fcm => "fcm",
-        }
-    }
-
-    /// Parses the wire name.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "apns" => Some(TransportKind::Apns),
-            "fcm" => Some(TransportKind::Fcm),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for TransportKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Which push service a device is reached through: the transports' own type.
+pub use dovepush_push::DeviceKind as TransportKind;
 
 /// How much of a mail a push may reveal: the transports' own type, so the word a device
 /// registered with reaches the payload builder unchanged.
@@ -203,9 +171,9 @@ mod tests {
     #[test]
     fn names_round_trip() {
         for k in TransportKind::ALL {
-            assert_eq!(TransportKind::parse(k.as_str()), Some(k));
+            assert_eq!(k.as_str().parse::<TransportKind>().ok(), Some(k));
         }
-        assert_eq!(TransportKind::parse("APNS"), None);
+        assert!("APNS".parse::<TransportKind>().is_err());
     }
 
     #[tokio::test]

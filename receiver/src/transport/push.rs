@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use dovepush_push::{Device, DeviceKind, Notification, Pusher};
+use dovepush_push::{Device, Notification, Pusher};
 
 use super::{Outcome, Push, SendFuture, Transport, TransportKind, Transports};
 use crate::config::{Config, ConfigError};
@@ -46,7 +46,7 @@ impl Transport for ProviderTransport {
 pub fn provider_view(push: &Push) -> (Device, Notification) {
     let device = Device {
         app_id: push.app.clone(),
-        kind: device_kind(push.transport),
+        kind: push.transport,
         token: push.token.clone(),
         // The registry resolved it at registration: the device's choice, else the app's default.
         privacy: Some(push.privacy),
@@ -66,14 +66,6 @@ pub fn provider_view(push: &Push) -> (Device, Notification) {
         event_id: push.event_id.clone(),
     };
     (device, notification)
-}
-
-/// The provider's device kind for a transport kind.
-pub fn device_kind(kind: TransportKind) -> DeviceKind {
-    match kind {
-        TransportKind::Apns => DeviceKind::Apns,
-        TransportKind::Fcm => DeviceKind::Fcm,
-    }
 }
 
 /// A provider outcome in the classes the outbox acts on. Reasons stay the provider crate's
@@ -151,7 +143,7 @@ mod tests {
     fn push_maps_to_device_and_notification() {
         let (d, n) = provider_view(&push());
         assert_eq!(d.app_id, "mail");
-        assert_eq!(d.kind, DeviceKind::Fcm);
+        assert_eq!(d.kind, TransportKind::Fcm);
         assert_eq!(d.privacy, Some(Privacy::Silent));
         assert_eq!(
             d.registered_at,
