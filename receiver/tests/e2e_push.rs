@@ -129,9 +129,7 @@ async fn lmtp_delivery_reaches_apns_through_plugin_and_receiver() {
     assert_eq!(body["aps"]["badge"], 1, "{body:#}");
     assert_eq!(body["dovepush"]["folder"], "INBOX", "{body:#}");
 
-    let metrics = request(addr, "GET", "/metrics", &[("authorization", &bearer())], "")
-        .await
-        .text();
+    let metrics = admin_get(addr, "/metrics").await.text();
     assert!(
         metrics.contains("dovepush_push_sent_total{transport=\"apns\"} 1\n"),
         "{metrics}"

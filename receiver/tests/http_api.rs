@@ -104,14 +104,7 @@ async fn every_endpoint_requires_authentication() {
     assert_eq!(h.status, 200);
     assert_eq!(h.json(), serde_json::json!({"status": "ok"}));
     // Nothing was accepted.
-    let m = request(
-        r.addr,
-        "GET",
-        "/metrics",
-        &[("authorization", &bearer())],
-        "",
-    )
-    .await;
+    let m = admin_get(r.addr, "/metrics").await;
     assert_eq!(m.status, 200);
     assert!(
         m.text().contains("dovepush_ingested_total 0\n"),
@@ -213,14 +206,7 @@ async fn users_see_and_change_only_their_own_devices() {
     );
 
     // The admin view shows Alice with a shortened token.
-    let s = request(
-        r.addr,
-        "GET",
-        "/v1/status/subscriptions",
-        &[("authorization", &bearer())],
-        "",
-    )
-    .await;
+    let s = admin_get(r.addr, "/v1/status/subscriptions").await;
     assert_eq!(s.status, 200);
     let users = s.json();
     let users = users.as_array().unwrap();
@@ -228,14 +214,7 @@ async fn users_see_and_change_only_their_own_devices() {
     assert_eq!(users[0]["user"], "alice");
     let token = users[0]["devices"][0]["token"].as_str().unwrap();
     assert!(token.contains('…') && token != "alice-token-1", "{token}");
-    let s = request(
-        r.addr,
-        "GET",
-        "/v1/status/subscriptions?user=bob",
-        &[("authorization", &bearer())],
-        "",
-    )
-    .await;
+    let s = admin_get(r.addr, "/v1/status/subscriptions?user=bob").await;
     assert!(s.json().as_array().unwrap().is_empty());
     r.stop().await;
 }
@@ -359,15 +338,7 @@ async fn duplicate_event_ids_are_committed_once() {
         .status,
         200
     );
-    let m = request(
-        r.addr,
-        "GET",
-        "/metrics",
-        &[("authorization", &bearer())],
-        "",
-    )
-    .await
-    .text();
+    let m = admin_get(r.addr, "/metrics").await.text();
     assert!(m.contains("dovepush_ingested_total 2\n"), "{m}");
     assert!(m.contains("dovepush_ingest_duplicates_total 2\n"), "{m}");
     assert!(

@@ -214,9 +214,7 @@ async fn kill_9_under_load_loses_no_acknowledged_event() {
     let all: HashSet<String> = (0..EVENTS).map(|n| format!("ev-{n}")).collect();
     assert_eq!(events, all);
     assert_eq!(outbox, all);
-    let m = request(addr, "GET", "/metrics", &[("authorization", &bearer())], "")
-        .await
-        .text();
+    let m = admin_get(addr, "/metrics").await.text();
     let duplicates: usize = m
         .lines()
         .find_map(|l| l.strip_prefix("dovepush_ingest_duplicates_total "))

@@ -35,15 +35,7 @@ fn users() -> Arc<FakeMail> {
 }
 
 async fn metrics(r: &Running) -> String {
-    request(
-        r.addr,
-        "GET",
-        "/metrics",
-        &[("authorization", &bearer())],
-        "",
-    )
-    .await
-    .text()
+    admin_get(r.addr, "/metrics").await.text()
 }
 
 #[tokio::test]
@@ -152,15 +144,9 @@ async fn pending_outbox_survives_a_restart() {
             ("carol".to_string(), "ev-carol".to_string()),
         ]
     );
-    let s = request(
-        r.addr,
-        "GET",
-        "/v1/status/subscriptions?user=alice",
-        &[("authorization", &bearer())],
-        "",
-    )
-    .await
-    .json();
+    let s = admin_get(r.addr, "/v1/status/subscriptions?user=alice")
+        .await
+        .json();
     let device = &s[0]["devices"][0];
     assert!(device["last_success"].is_string(), "{s}");
     assert_eq!(device["last_error"], "503 ServiceUnavailable");
@@ -222,15 +208,7 @@ async fn transport_outcomes_are_acted_on() {
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let s = request(
-        r.addr,
-        "GET",
-        "/v1/status/subscriptions",
-        &[("authorization", &bearer())],
-        "",
-    )
-    .await
-    .json();
+    let s = admin_get(r.addr, "/v1/status/subscriptions").await.json();
     let by_user = |u: &str| {
         s.as_array()
             .unwrap()

@@ -149,27 +149,11 @@ async fn notify_encoded(r: &Running, user: &str, uid: u32, unseen: u32) {
 }
 
 async fn metrics(r: &Running) -> String {
-    request(
-        r.addr,
-        "GET",
-        "/metrics",
-        &[("authorization", &bearer())],
-        "",
-    )
-    .await
-    .text()
+    admin_get(r.addr, "/metrics").await.text()
 }
 
 async fn subscriptions(r: &Running) -> Value {
-    request(
-        r.addr,
-        "GET",
-        "/v1/status/subscriptions",
-        &[("authorization", &bearer())],
-        "",
-    )
-    .await
-    .json()
+    admin_get(r.addr, "/v1/status/subscriptions").await.json()
 }
 
 fn user_entry<'a>(subs: &'a Value, user: &str) -> Option<&'a Value> {

@@ -253,6 +253,11 @@ pub async fn request(
 }
 
 /// An ox notification body.
+/// `GET path` with the admin bearer token (status, metrics).
+pub async fn admin_get(addr: SocketAddr, path: &str) -> Reply {
+    request(addr, "GET", path, &[("authorization", &bearer())], "").await
+}
+
 pub fn notification(user: &str, uid: u32, unseen: u32) -> String {
     serde_json::json!({
         "user": user,
