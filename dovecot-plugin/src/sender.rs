@@ -181,6 +181,18 @@ struct SpoolState {
     last_replay: Mutex<Instant>,
 }
 
+impl SpoolState {
+    /// A spool not replayed yet in this process: files may be waiting.
+    fn new(spool: &Arc<Spool>) -> Arc<SpoolState> {
+        Arc::new(SpoolState {
+            spool: spool.clone(),
+            draining: AtomicBool::new(false),
+            maybe_waiting: AtomicBool::new(true),
+            last_replay: Mutex::new(Instant::now()),
+        })
+    }
+}
+
 struct Worker {
     client: HttpClient,
     logs: LogQueue,
@@ -200,12 +212,7 @@ impl Worker {
         if let Some(state) = spools.get(spool.dir()) {
             return state.clone();
         }
-        let state = Arc::new(SpoolState {
-            spool: spool.clone(),
-            draining: AtomicBool::new(false),
-            maybe_waiting: AtomicBool::new(true),
-            last_replay: Mutex::new(Instant::now()),
-        });
+        let state = SpoolState::new(spool);
         spools.insert(spool.dir().to_path_buf(), state.clone());
         // A spool seen for the first time in this process: replay what earlier
         // processes left.
@@ -478,14 +485,7 @@ impl Worker {
             .unwrap_or_else(|e| e.into_inner())
             .get(spool.dir())
             .cloned()
-            .unwrap_or_else(|| {
-                Arc::new(SpoolState {
-                    spool: spool.clone(),
-                    draining: AtomicBool::new(false),
-                    maybe_waiting: AtomicBool::new(true),
-                    last_replay: Mutex::new(Instant::now()),
-                })
-            })
+            .unwrap_or_else(|| SpoolState::new(spool))
     }
 }
 
