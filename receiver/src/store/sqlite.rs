@@ -1,11 +1,15 @@
 //! The embedded store: one SQLite file in WAL mode, written by a single writer thread
-//! that group-commits.
+//! that group-commits, and a sync thread that makes those commits durable.
 //!
 //! Every change is a command sent to the writer thread. The thread takes everything queued
-//! (up to [`MAX_BATCH`] commands), runs each inside its own savepoint of one transaction,
-//! commits once (`synchronous = FULL`: the commit is on disk when it returns) and only then
-//! answers every command of the batch. Many concurrent ingests therefore share one fsync,
-//! and a caller that got an answer knows its change survives a crash or `kill -9`.
+//! (up to [`MAX_BATCH`] commands), runs each inside its own savepoint of one transaction and
+//! commits once. The commit only writes the write-ahead log (`synchronous = NORMAL`); the
+//! batch's answers go to the sync thread, which `fdatasync`s the log — once for every batch
+//! committed since its last sync — and only then answers. The writer meanwhile runs the
+//! next batch, so statements and disk flushes overlap instead of taking turns. A caller that
+//! got an answer knows its change is on disk: it survives `kill -9` and power loss.
+//! (SQLite itself syncs the log before each checkpoint and the database after it, so the
+//! file stays consistent; the sync thread adds durability of the newest commits.)
 //! Reads use a second connection (WAL readers never block the writer).
 
 use std::path::{Path, PathBuf};
@@ -133,6 +137,7 @@ pub struct SqliteStore {
     path: PathBuf,
     writer: Option<mpsc::Sender<Command>>,
     writer_thread: Option<JoinHandle<()>>,
+    sync_thread: Option<JoinHandle<()>>,
     reader: Arc<Mutex<Connection>>,
     depth: Arc<AtomicI64>,
 }
@@ -188,17 +193,28 @@ impl SqliteStore {
         let reader = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
         configure(&reader, true).map_err(|e| open_err(e.to_string()))?;
 
+        // The reads above opened the write-ahead log; it lives as long as a connection does.
+        let wal_path = wal_path(path);
+        let wal = std::fs::File::open(&wal_path)
+            .map_err(|e| open_err(format!("cannot open {}: {e}", wal_path.display())))?;
+
         let depth = Arc::new(AtomicI64::new(depth));
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let (synced_tx, synced_rx) = std::sync::mpsc::channel();
+        let sync_thread = std::thread::Builder::new()
+            .name("dovepush-store-sync".into())
+            .spawn(move || sync_loop(wal, synced_rx))
+            .map_err(|e| open_err(e.to_string()))?;
         let thread_depth = depth.clone();
         let writer_thread = std::thread::Builder::new()
             .name("dovepush-store-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx, thread_depth))
+            .spawn(move || writer_loop(writer_conn, rx, synced_tx, thread_depth))
             .map_err(|e| open_err(e.to_string()))?;
         Ok(SqliteStore {
             path: path.to_owned(),
             writer: Some(tx),
             writer_thread: Some(writer_thread),
+            sync_thread: Some(sync_thread),
             reader: Arc::new(Mutex::new(reader)),
             depth,
         })
@@ -245,6 +261,11 @@ impl Drop for SqliteStore {
         if let Some(t) = self.writer_thread.take() {
             let _ = t.join();
         }
+        // The writer's end of the sync channel is gone with it: the sync thread answers
+        // what is left and stops.
+        if let Some(t) = self.sync_thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -254,7 +275,7 @@ fn configure(conn: &Connection, reader: bool) -> rusqlite::Result<()> {
     // The page cache is bounded so memory does not grow with the registry.
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = FULL;
+         PRAGMA synchronous = NORMAL;
          PRAGMA cache_size = -4096;
          PRAGMA temp_store = MEMORY;",
     )?;
@@ -350,10 +371,57 @@ fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> 
     })
 }
 
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Command>, depth: Arc<AtomicI64>) {
+/// The write-ahead log SQLite keeps beside the database file.
+fn wal_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// A committed batch waiting for the log to reach the disk: its answers, and the error
+/// that rolled it back, if one did.
+struct Committed {
+    answers: Vec<Answer>,
+    failure: Option<String>,
+}
+
+/// Answers committed batches once the log is on disk: takes every batch the writer has
+/// committed so far, syncs the log once for all of them, answers them in commit order.
+/// Stops when the writer is gone and everything it committed is answered.
+fn sync_loop(wal: std::fs::File, rx: std::sync::mpsc::Receiver<Committed>) {
+    let mut group: Vec<Committed> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        group.push(first);
+        group.extend(rx.try_iter());
+        let needs_sync = group.iter().any(|c| c.failure.is_none());
+        let sync_error = if needs_sync {
+            wal.sync_data()
+                .err()
+                .map(|e| format!("fsync of the write-ahead log failed: {e}"))
+        } else {
+            None
+        };
+        if let Some(e) = &sync_error {
+            tracing::error!(error = %e, "Store commits may not be on disk; callers will retry.");
+        }
+        for committed in group.drain(..) {
+            let failure = committed.failure.as_deref().or(sync_error.as_deref());
+            for a in committed.answers {
+                a(failure);
+            }
+        }
+    }
+}
+
+fn writer_loop(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Command>,
+    synced: std::sync::mpsc::Sender<Committed>,
+    depth: Arc<AtomicI64>,
+) {
     let mut batch: Vec<Command> = Vec::with_capacity(MAX_BATCH);
-    let mut answers: Vec<Answer> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
+        let mut answers: Vec<Answer> = Vec::with_capacity(batch.capacity());
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -409,8 +477,12 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Command>, depth: Arc<Ato
         } else {
             depth.fetch_add(delta, Ordering::Relaxed);
         }
-        for a in answers.drain(..) {
-            a(failure.as_deref());
+        if let Err(std::sync::mpsc::SendError(lost)) = synced.send(Committed { answers, failure }) {
+            // The sync thread is gone (it cannot panic short of a bug): nothing can be
+            // promised durable any more.
+            for a in lost.answers {
+                a(Some("the store's sync thread stopped"));
+            }
         }
     }
 }
