@@ -52,7 +52,13 @@ fn main() {
         .include(&include_shim)
         .define("HAVE_CONFIG_H", None)
         .flag_if_supported("-std=gnu99")
-        .warnings(false)
+        // -Wall (no -w, which would also silence the error below), not -Wextra: Dovecot's
+        // headers are not -Wextra clean.
+        .warnings(true)
+        .extra_warnings(false)
+        // A function the shim calls without its header would be resolved only when
+        // Dovecot loads the plugin, and fail there: make it a build error instead.
+        .flag("-Werror=implicit-function-declaration")
         .compile("dovepush_shim");
 
     println!(

@@ -40,6 +40,10 @@ struct dovepush_commit {
 	/* UIDs assigned to the transaction's saves, in save order. */
 	const uint32_t *uids;
 	unsigned int uid_count;
+	/* When true, `unseen` is the mailbox's unseen count right after the
+	   commit; otherwise ask the mailbox (dovepush_shim_mailbox_unseen()). */
+	bool unseen_known;
+	uint32_t unseen;
 };
 
 /* Rust callbacks. Each one is entered through the Rust panic guard. */

@@ -178,6 +178,60 @@ fn concurrent_maildir_deliveries_never_carry_uid_0() {
         .collect();
     assert!(!uids.contains(&0));
     assert_eq!(uids.len(), 4 * per_connection, "UIDs are distinct");
+
+    // The UIDs dovepush assigned after the commit are the ones IMAP shows: each notified
+    // UID opens the message that was notified (its number ends the subject), and
+    // Dovecot found nothing to complain about while taking them into its index.
+    let fetched = dovecot
+        .doveadm(&[
+            "fetch",
+            "-u",
+            "alice",
+            "uid hdr.message-id",
+            "mailbox",
+            "INBOX",
+            "all",
+        ])
+        .unwrap();
+    assert!(fetched.status.success(), "{fetched:?}");
+    let listing = String::from_utf8_lossy(&fetched.stdout);
+    let mut number_of_uid = std::collections::HashMap::new();
+    let mut uid = None;
+    for line in listing.lines() {
+        if let Some(v) = line.strip_prefix("uid: ") {
+            uid = v.trim().parse::<u64>().ok();
+        } else if let Some(v) = line.strip_prefix("hdr.message-id: ") {
+            let n: u64 = v
+                .trim()
+                .trim_start_matches("<m")
+                .split('@')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            number_of_uid.insert(uid.take().unwrap(), n);
+        }
+    }
+    assert_eq!(number_of_uid.len(), 4 * per_connection, "{listing}");
+    for request in &requests {
+        let body = request.json();
+        let uid = body["imap-uid"].as_u64().unwrap();
+        let subject = body["subject"].as_str().unwrap();
+        let n: u64 = subject.rsplit(' ').next().unwrap().parse().unwrap();
+        assert_eq!(
+            number_of_uid.get(&uid),
+            Some(&n),
+            "UID {uid} is not {subject:?}"
+        );
+    }
+    let log = dovecot.log();
+    let complaints: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Error:") || l.contains("Panic:") || l.contains("Warning:"))
+        // The harness restarts Dovecot to load the plugin settings.
+        .filter(|l| !l.contains("master: Warning: Killed with signal 15"))
+        .collect();
+    assert!(complaints.is_empty(), "{log}");
 }
 
 #[test]

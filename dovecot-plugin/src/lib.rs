@@ -285,7 +285,11 @@ impl Plugin for Dovepush {
             Some(user) => user.log(level, text),
             None => dovepush_ffi::log(level, &format!("user {username}: {text}")),
         };
-        let unseen = match mailbox.map(Mailbox::unseen) {
+        let unseen = match commit
+            .unseen
+            .map(Ok)
+            .or_else(|| mailbox.map(Mailbox::unseen))
+        {
             Some(Ok(n)) => Some(n),
             Some(Err(e)) => {
                 log(LogLevel::Warning, &format!("unseen count unavailable: {e}"));

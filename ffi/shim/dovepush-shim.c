@@ -1,6 +1,7 @@
 /* See include/dovepush-shim.h. Compiled with Dovecot's own include flags. */
 #include "lib.h"
 #include "array.h"
+#include "str.h"
 #include "seq-range-array.h"
 #include "mail-storage-private.h"
 #include "mail-user.h"
@@ -13,30 +14,61 @@
 #include "master-service.h"
 #include "mail-storage-service.h"
 #include "hostpid.h"
+#include "time-util.h"
+#include "maildir-storage.h"
+#include "maildir-uidlist.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "dovepush-shim.h"
+
+/* Deferred UID assignment: the first try waits this long so that one
+   locked append to dovecot-uidlist covers the deliveries of that time
+   (the lock is what concurrent deliveries to one Maildir contend for);
+   then it tries the lock again this often, and after the last delay it
+   stops trying and waits for the lock instead. */
+#define DOVEPUSH_UID_BATCH_MSECS 200
+#define DOVEPUSH_UID_RETRY_MSECS 20
+#define DOVEPUSH_UID_GIVE_UP_MSECS 10000
+
+/* One saved mail, as Maildir knows it. */
+struct dovepush_file {
+	/* Storage id: the file name up to the first ':' ("" if unknown). */
+	const char *base;
+	/* The name the save gives the file in new/, as dovecot-uidlist
+	   records it; NULL when the mail goes to cur/ (flags, keywords) or the
+	   storage is not Maildir. */
+	const char *new_name;
+};
 
 /* Per-transaction state, one per notify transaction that is a delivery. */
 struct dovepush_txn {
 	struct mailbox *box;
 	void *state;        /* Rust's, NULL when not of interest */
 	bool decided;
-	/* In lmtp, UIDs the storage did not assign at commit are resolved
-	   after the reply (see dovepush_defer()): the saved mails' storage
-	   ids, in save order. */
+	/* In lmtp, UIDs the storage did not assign at commit are assigned by
+	   dovepush (see dovepush_assign_uids()) or resolved after the reply
+	   (see dovepush_defer()). */
 	bool defer_uids;
 	pool_t pool;
-	ARRAY_TYPE(const_string) storage_ids;
+	ARRAY(struct dovepush_file) files;   /* in save order */
 
 	/* Set while waiting for deferred UID resolution. */
 	struct dovepush_txn *next;
-	struct mail_storage_service_user *service_user;
-	uid_t euid;
+	/* Not lmtp's service user: keeping that alive past the delivery
+	   breaks lmtp (its events hang off the finished recipient's). */
+	struct mail_storage_service_ctx *service_ctx;
+	const char *username;
 	const char *vname;
+	const char *uidlist_lock_path;
 	uint32_t uid_validity;
+	bool unseen_known;
+	uint32_t unseen;
+	struct timeval deferred_at;
 };
+
+ARRAY_DEFINE_TYPE(dovepush_txn, struct dovepush_txn *);
 
 static struct notify_context *dovepush_notify_ctx;
 static struct dovepush_callbacks dovepush_cb;
@@ -69,14 +101,42 @@ static void *dovepush_txn_begin(struct mailbox_transaction_context *t)
 	txn = i_new(struct dovepush_txn, 1);
 	txn->box = t->box;
 	txn->pool = pool_alloconly_create("dovepush txn", 512);
-	p_array_init(&txn->storage_ids, txn->pool, 4);
+	p_array_init(&txn->files, txn->pool, 4);
 	return txn;
+}
+
+/* The name a Maildir save gives a mail without flags or keywords in new/:
+   its base name with the ",S=<size>" and ",W=<vsize>" the save appends
+   (maildir_get_dest_filename()). NULL when the mail goes to cur/ instead. */
+static const char *dovepush_maildir_new_name(struct mail *mail, const char *base)
+{
+	const char *const *keywords;
+	uoff_t size;
+	string_t *name;
+
+	if (!mail->saving || mail->transaction->save_ctx == NULL)
+		return NULL;
+	if ((mail_get_flags(mail) & MAIL_FLAGS_MASK & ENUM_NEGATE(MAIL_RECENT)) != 0)
+		return NULL;
+	keywords = mail_get_keywords(mail);
+	if (keywords != NULL && keywords[0] != NULL)
+		return NULL;
+	name = t_str_new(128);
+	str_append(name, base);
+	if (maildir_save_file_get_size(mail->transaction, mail->seq, FALSE,
+				       &size) == 0)
+		str_printfa(name, ",S=%"PRIuUOFF_T, size);
+	if (maildir_save_file_get_size(mail->transaction, mail->seq, TRUE,
+				       &size) == 0)
+		str_printfa(name, ",W=%"PRIuUOFF_T, size);
+	return str_c(name);
 }
 
 static void dovepush_mail_save(void *txn_ptr, struct mail *mail)
 {
 	struct dovepush_txn *txn = txn_ptr;
 	struct dovepush_saved_mail facts;
+	struct dovepush_file file;
 	const char *value;
 
 	if (txn == NULL)
@@ -102,13 +162,19 @@ static void dovepush_mail_save(void *txn_ptr, struct mail *mail)
 		return;
 
 	/* Maildir's storage id (the base file name) is known while saving
-	   and is how dovepush_resolve() finds the mail again. Other storages
-	   lock at commit and always assign UIDs. */
-	if (strcmp(mail->box->storage->name, "maildir") != 0 ||
-	    mail_get_special(mail, MAIL_FETCH_STORAGE_ID, &value) < 0)
-		value = "";
-	value = p_strdup(txn->pool, value);
-	array_push_back(&txn->storage_ids, &value);
+	   and is how dovepush finds the mail again. Other storages lock at
+	   commit and always assign UIDs. */
+	i_zero(&file);
+	file.base = "";
+	if (strcmp(mail->box->storage->name, "maildir") == 0 &&
+	    mail_get_special(mail, MAIL_FETCH_STORAGE_ID, &value) == 0) {
+		file.base = p_strdup(txn->pool, value);
+		T_BEGIN {
+			file.new_name = p_strdup(txn->pool,
+				dovepush_maildir_new_name(mail, file.base));
+		} T_END;
+	}
+	array_push_back(&txn->files, &file);
 
 	T_BEGIN {
 		i_zero(&facts);
@@ -138,23 +204,159 @@ static void dovepush_mail_copy(void *txn_ptr, struct mail *src ATTR_UNUSED,
 
 static void dovepush_resolve_pending(void *context ATTR_UNUSED);
 
-/* Keep the transaction's facts until the ioloop runs again (after lmtp has
-   written its reply), then find the UIDs with a fresh mail user (lmtp
-   requires its own to be gone by then). */
-static void dovepush_defer(struct dovepush_txn *txn, uint32_t uid_validity)
+/* A timer that belongs to no ioloop context. A timer remembers the context
+   active when it was added (here: the delivering user's) and activates it
+   again when it fires, re-pushing the global events that context had; by
+   then lmtp has deinitialized that user, and its stale events break
+   lmtp's global event stack. */
+static struct timeout *dovepush_timeout_add_detached(unsigned int msecs)
 {
-	txn->service_user = txn->box->storage->user->_service_user;
-	if (txn->service_user != NULL)
-		mail_storage_service_user_ref(txn->service_user);
-	txn->euid = geteuid();
+	struct ioloop_context *ctx = io_loop_get_current_context(current_ioloop);
+	struct timeout *to;
+
+	if (ctx != NULL) {
+		io_loop_context_ref(ctx);
+		io_loop_context_deactivate(ctx);
+	}
+	to = timeout_add_short(msecs, dovepush_resolve_pending, NULL);
+	if (ctx != NULL) {
+		io_loop_context_activate(ctx);
+		io_loop_context_unref(&ctx);
+	}
+	return to;
+}
+
+/* Can dovepush_assign_uids() handle this transaction's mails? Only Maildir
+   mails that went to new/. */
+static bool dovepush_can_assign(struct mailbox *box,
+				const struct dovepush_txn *txn)
+{
+	const struct dovepush_file *file;
+
+	if (strcmp(box->storage->name, "maildir") != 0)
+		return FALSE;
+	array_foreach(&txn->files, file) {
+		if (file->new_name == NULL)
+			return FALSE;
+	}
+	return TRUE;
+}
+
+/* Give Maildir mails the storage left without a UID their UIDs, the way the
+   save itself does when it gets the lock: take dovecot-uidlist's lock
+   without waiting, append the files of all these transactions at once
+   (Dovecot adds them to the index at its next locked save or sync). Their
+   UIDs can then be read with maildir_uidlist_get_uid(). Returns 1 when
+   done, 0 when the lock is busy, -1 on failure. */
+static int dovepush_assign_uids(struct mailbox *box,
+				struct dovepush_txn *const *txns,
+				unsigned int txn_count)
+{
+	struct maildir_mailbox *mbox = MAILDIR_MAILBOX(box);
+	struct maildir_uidlist_sync_ctx *sync_ctx;
+	const struct dovepush_file *file;
+	unsigned int i;
+	uint32_t uid;
+	int ret;
+
+	ret = maildir_uidlist_sync_init(mbox->uidlist,
+					MAILDIR_UIDLIST_SYNC_PARTIAL |
+					MAILDIR_UIDLIST_SYNC_TRYLOCK, &sync_ctx);
+	if (ret <= 0)
+		return ret;
+	/* Locked and refreshed: a mail someone else has listed meanwhile
+	   keeps its UID. */
+	for (i = 0; i < txn_count; i++) {
+		array_foreach(&txns[i]->files, file) {
+			if (!maildir_uidlist_get_uid(mbox->uidlist,
+						     file->new_name, &uid)) {
+				(void)maildir_uidlist_sync_next(sync_ctx,
+					file->new_name,
+					MAILDIR_UIDLIST_REC_FLAG_NEW_DIR |
+					MAILDIR_UIDLIST_REC_FLAG_RECENT);
+			}
+		}
+	}
+	return maildir_uidlist_sync_deinit(&sync_ctx, TRUE) < 0 ? -1 : 1;
+}
+
+/* The UIDs dovepush_assign_uids() gave a transaction's mails. */
+static bool dovepush_assigned_uids(struct mailbox *box,
+				   const struct dovepush_txn *txn,
+				   uint32_t *uids_r)
+{
+	struct maildir_mailbox *mbox = MAILDIR_MAILBOX(box);
+	const struct dovepush_file *files;
+	unsigned int i, count;
+
+	files = array_get(&txn->files, &count);
+	for (i = 0; i < count; i++) {
+		if (!maildir_uidlist_get_uid(mbox->uidlist, files[i].new_name,
+					     &uids_r[i]) ||
+		    uids_r[i] == 0 || uids_r[i] == (uint32_t)-1)
+			return FALSE;
+	}
+	return TRUE;
+}
+
+/* The unseen count right after the commit. Mails the storage left without
+   a UID are not in the index yet: count this delivery's ones on top. */
+static bool dovepush_unseen_after_commit(struct mailbox *box,
+					 unsigned int not_indexed,
+					 uint32_t *unseen_r)
+{
+	struct mail_index_view *view;
+	const struct mail_index_header *hdr;
+
+	if (box->index == NULL || mail_index_refresh(box->index) < 0)
+		return FALSE;
+	view = mail_index_view_open(box->index);
+	hdr = mail_index_get_header(view);
+	*unseen_r = hdr->messages_count - hdr->seen_messages_count + not_indexed;
+	mail_index_view_close(&view);
+	return TRUE;
+}
+
+static void dovepush_commit_uids(struct dovepush_txn *txn,
+				 struct mail_user *user, struct mailbox *box,
+				 const uint32_t *uids, unsigned int count)
+{
+	struct dovepush_commit commit;
+
+	i_zero(&commit);
+	commit.uid_validity = txn->uid_validity;
+	commit.uids = uids;
+	commit.uid_count = count;
+	commit.unseen_known = txn->unseen_known;
+	commit.unseen = txn->unseen;
+	dovepush_cb.delivery_commit(txn->state, user, box, &commit);
+}
+
+/* Keep the transaction's facts for dovepush_resolve_pending(), which runs
+   after lmtp has written its reply and works with a fresh mail user (lmtp
+   requires its own to be gone by then). */
+static void dovepush_defer(struct dovepush_txn *txn)
+{
+	const char *control_dir;
+
+	struct mail_user *user = txn->box->storage->user;
+
+	txn->service_ctx = user->_service_user == NULL ? NULL :
+		mail_storage_service_user_get_service_ctx(user->_service_user);
+	txn->username = p_strdup(txn->pool, user->username);
 	txn->vname = p_strdup(txn->pool, mailbox_get_vname(txn->box));
-	txn->uid_validity = uid_validity;
+	if (mailbox_get_path_to(txn->box, MAILBOX_LIST_PATH_TYPE_CONTROL,
+				&control_dir) > 0) {
+		txn->uidlist_lock_path = p_strconcat(txn->pool, control_dir,
+			"/"MAILDIR_UIDLIST_NAME".lock", NULL);
+	}
+	txn->deferred_at = ioloop_timeval;
 	txn->box = NULL;
 	txn->next = dovepush_pending;
 	dovepush_pending = txn;
 	if (dovepush_pending_to == NULL) {
 		dovepush_pending_to =
-			timeout_add_short(0, dovepush_resolve_pending, NULL);
+			dovepush_timeout_add_detached(DOVEPUSH_UID_BATCH_MSECS);
 	}
 }
 
@@ -162,45 +364,44 @@ static void
 dovepush_txn_commit(void *txn_ptr, struct mail_transaction_commit_changes *changes)
 {
 	struct dovepush_txn *txn = txn_ptr;
-	struct dovepush_commit commit;
 	struct seq_range_iter iter;
-	ARRAY(uint32_t) uids;
-	unsigned int n = 0;
+	struct mailbox_status status;
+	unsigned int n = 0, count, saved;
 	uint32_t uid;
 
 	if (txn == NULL)
 		return;
-	if (txn->state != NULL && txn->defer_uids &&
-	    seq_range_count(&changes->saved_uids) < array_count(&txn->storage_ids)) {
-		uint32_t uid_validity = changes->uid_validity;
-		if (uid_validity == 0) {
-			struct mailbox_status status;
-			mailbox_get_open_status(txn->box, STATUS_UIDVALIDITY,
-						&status);
-			uid_validity = status.uidvalidity;
-		}
-		dovepush_defer(txn, uid_validity);
+	if (txn->state == NULL) {
+		dovepush_txn_free(txn);
 		return;
 	}
-	if (txn->state != NULL) T_BEGIN {
-		i_zero(&commit);
-		commit.uid_validity = changes->uid_validity;
-		if (commit.uid_validity == 0) {
-			struct mailbox_status status;
-			mailbox_get_open_status(txn->box, STATUS_UIDVALIDITY,
-						&status);
-			commit.uid_validity = status.uidvalidity;
-		}
-		t_array_init(&uids, 8);
+	txn->uid_validity = changes->uid_validity;
+	if (txn->uid_validity == 0) {
+		mailbox_get_open_status(txn->box, STATUS_UIDVALIDITY, &status);
+		txn->uid_validity = status.uidvalidity;
+	}
+	count = array_count(&txn->files);
+	saved = seq_range_count(&changes->saved_uids);
+	if (txn->defer_uids && saved < count) {
+		/* Maildir only try-locks dovecot-uidlist at commit and assigns
+		   no UID when another delivery holds it. */
+		txn->unseen_known = dovepush_unseen_after_commit(txn->box,
+			count - saved, &txn->unseen);
+		dovepush_defer(txn);
+		return;
+	}
+	T_BEGIN {
+		ARRAY(uint32_t) known;
+
+		t_array_init(&known, 8);
 		seq_range_array_iter_init(&iter, &changes->saved_uids);
 		while (seq_range_array_iter_nth(&iter, n++, &uid))
-			array_push_back(&uids, &uid);
+			array_push_back(&known, &uid);
 		/* array_front() panics on an empty array: a storage may
 		   assign no UIDs at all. */
-		commit.uid_count = array_count(&uids);
-		commit.uids = commit.uid_count == 0 ? NULL : array_front(&uids);
-		dovepush_cb.delivery_commit(txn->state, txn->box->storage->user,
-					     txn->box, &commit);
+		dovepush_commit_uids(txn, txn->box->storage->user, txn->box,
+			array_count(&known) == 0 ? NULL : array_front(&known),
+			array_count(&known));
 	} T_END;
 	dovepush_txn_free(txn);
 }
@@ -214,25 +415,22 @@ static bool dovepush_same_maildir_file(const char *a, const char *b)
 	return a_len == b_len && strncmp(a, b, a_len) == 0;
 }
 
-/* Sync a fresh instance of the mailbox (which assigns UIDs to every mail it
-   finds without one) and look the saved mails up by storage id, newest
+/* The slow way, for what dovepush_assign_uids() cannot do: sync the mailbox
+   (which waits for dovecot-uidlist's lock and assigns UIDs to every mail
+   it finds without one) and look the saved mails up by storage id, newest
    first. */
-static void dovepush_resolve(struct dovepush_txn *txn, struct mail_user *user)
+static void dovepush_resolve_by_sync(struct dovepush_txn *txn,
+				     struct mail_user *user, struct mailbox *box)
 {
-	struct mail_namespace *ns;
-	struct mailbox *box;
 	struct mailbox_transaction_context *t;
 	struct mail *mail;
-	struct dovepush_commit commit;
-	const char *const *ids;
+	const struct dovepush_file *files;
 	const char *id;
 	unsigned int i, count, found = 0;
 	uint32_t seq, *uids;
 
-	ids = array_get(&txn->storage_ids, &count);
+	files = array_get(&txn->files, &count);
 	uids = t_new(uint32_t, count);
-	ns = mail_namespace_find(user->namespaces, txn->vname);
-	box = mailbox_alloc(ns->list, txn->vname, 0);
 	if (mailbox_sync(box, 0) < 0) {
 		e_error(user->event,
 			"dovepush: mailbox_sync(%s) failed, UIDs unknown: %s",
@@ -246,8 +444,8 @@ static void dovepush_resolve(struct dovepush_txn *txn, struct mail_user *user)
 			if (mail_get_special(mail, MAIL_FETCH_STORAGE_ID, &id) < 0)
 				continue;
 			for (i = 0; i < count; i++) {
-				if (uids[i] == 0 && *ids[i] != '\0' &&
-				    dovepush_same_maildir_file(ids[i], id)) {
+				if (uids[i] == 0 && *files[i].base != '\0' &&
+				    dovepush_same_maildir_file(files[i].base, id)) {
 					uids[i] = mail->uid;
 					found++;
 					break;
@@ -256,69 +454,194 @@ static void dovepush_resolve(struct dovepush_txn *txn, struct mail_user *user)
 		}
 		mail_free(&mail);
 		(void)mailbox_transaction_commit(&t);
+		/* The index now has every mail: count unseen from it. */
+		txn->unseen_known = FALSE;
 	}
-	i_zero(&commit);
-	commit.uid_validity = txn->uid_validity;
-	commit.uids = uids;
-	commit.uid_count = count;
-	dovepush_cb.delivery_commit(txn->state, user, box, &commit);
-	mailbox_free(&box);
+	dovepush_commit_uids(txn, user, box, uids, count);
 }
 
 /* Hand the transaction to Rust with the UIDs known at commit (0 for the
    rest): when no mail user can be had any more. */
 static void dovepush_commit_unresolved(struct dovepush_txn *txn)
 {
-	struct dovepush_commit commit;
+	unsigned int count = array_count(&txn->files);
 
-	i_zero(&commit);
-	commit.uid_validity = txn->uid_validity;
-	commit.uid_count = array_count(&txn->storage_ids);
-	commit.uids = t_new(uint32_t, commit.uid_count);
-	dovepush_cb.delivery_commit(txn->state, NULL, NULL, &commit);
+	dovepush_commit_uids(txn, NULL, NULL, t_new(uint32_t, count), count);
+}
+
+static bool dovepush_uidlist_locked(const struct dovepush_txn *txn)
+{
+	struct stat st;
+
+	return txn->uidlist_lock_path != NULL &&
+		stat(txn->uidlist_lock_path, &st) == 0;
+}
+
+/* A mail user for resolving, looked up afresh the way lmtp looks up a
+   recipient (this switches to the user's uid while it is in use). */
+struct dovepush_resolver {
+	char *username;
+	struct mail_storage_service_user *service_user;
+	struct mail_user *user;
+	uid_t old_euid;
+};
+
+static void dovepush_resolver_close(struct dovepush_resolver *r)
+{
+	if (r->user != NULL)
+		mail_user_deinit(&r->user);
+	if (r->service_user != NULL)
+		mail_storage_service_user_unref(&r->service_user);
+	i_free(r->username);
+	i_set_failure_prefix("%s(%s): ", master_service_get_name(master_service),
+			     my_pid);
+	/* Going on as the wrong user is never safe: lmtp itself fails the
+	   same way. */
+	if (geteuid() != r->old_euid && seteuid(r->old_euid) < 0)
+		i_fatal("dovepush: seteuid(%s) failed: %m", dec2str(r->old_euid));
+}
+
+static struct mail_user *
+dovepush_resolver_user(struct dovepush_resolver *r, struct dovepush_txn *txn)
+{
+	struct mail_storage_service_input input;
+	const char *error;
+
+	if (r->username != NULL && strcmp(r->username, txn->username) == 0)
+		return r->user;
+	if (r->username != NULL)
+		dovepush_resolver_close(r);
+	r->username = i_strdup(txn->username);
+	r->old_euid = geteuid();
+	i_zero(&input);
+	input.module = input.service = master_service_get_name(master_service);
+	input.username = txn->username;
+	if (mail_storage_service_lookup_next(txn->service_ctx, &input,
+					     &r->service_user, &r->user,
+					     &error) <= 0) {
+		i_error("dovepush: cannot open mail user %s to resolve UIDs: %s",
+			txn->username, error);
+		r->user = NULL;
+	}
+	return r->user;
+}
+
+static bool dovepush_same_mailbox(const struct dovepush_txn *a,
+				  const struct dovepush_txn *b)
+{
+	return strcmp(a->username, b->username) == 0 &&
+		strcmp(a->vname, b->vname) == 0;
+}
+
+/* One try for deferred transactions of one user's mailbox, with a fresh mail
+   user: one locked append for all of them. Those that must wait for the
+   lock go back to *waiting; the others are handed to Rust and freed. */
+static void dovepush_resolve_group(struct mail_user *user,
+				   ARRAY_TYPE(dovepush_txn) *group,
+				   bool give_up_waiting,
+				   struct dovepush_txn **waiting)
+{
+	struct dovepush_txn **txns, *txn;
+	struct mail_namespace *ns;
+	struct mailbox *box;
+	unsigned int i, count, files;
+	uint32_t *uids;
+	int ret = -1;
+
+	txns = array_get_modifiable(group, &count);
+	ns = mail_namespace_find(user->namespaces, txns[0]->vname);
+	box = mailbox_alloc(ns->list, txns[0]->vname, 0);
+	if (mailbox_open(box) < 0) {
+		e_error(user->event, "dovepush: cannot open %s, UIDs unknown: %s",
+			txns[0]->vname, mailbox_get_last_internal_error(box, NULL));
+		for (i = 0; i < count; i++) T_BEGIN {
+			dovepush_commit_unresolved(txns[i]);
+		} T_END;
+	} else {
+		if (dovepush_can_assign(box, txns[0]))
+			ret = dovepush_assign_uids(box, txns, count);
+		for (i = 0; i < count; i++) T_BEGIN {
+			txn = txns[i];
+			files = array_count(&txn->files);
+			uids = t_new(uint32_t, files);
+			if (ret == 0 && !give_up_waiting) {
+				txn->next = *waiting;
+				*waiting = txn;
+				txns[i] = NULL;
+			} else if (ret > 0 && dovepush_can_assign(box, txn) &&
+				   dovepush_assigned_uids(box, txn, uids)) {
+				dovepush_commit_uids(txn, user, box, uids, files);
+			} else {
+				dovepush_resolve_by_sync(txn, user, box);
+			}
+		} T_END;
+	}
+	mailbox_free(&box);
+	for (i = 0; i < count; i++) {
+		if (txns[i] != NULL)
+			dovepush_txn_free(txns[i]);
+	}
 }
 
 static void dovepush_resolve_pending(void *context ATTR_UNUSED)
 {
-	struct mail_storage_service_ctx *service_ctx;
-	struct dovepush_txn *txn;
+	struct dovepush_resolver resolver;
+	struct dovepush_txn *txn, *next, *rest, *waiting = NULL;
+	struct dovepush_txn *const *t;
+	ARRAY_TYPE(dovepush_txn) group;
 	struct mail_user *user;
-	const char *error;
-	uid_t old_euid;
+	bool give_up;
 
+	i_zero(&resolver);
+	i_array_init(&group, 16);
 	timeout_remove(&dovepush_pending_to);
 	while ((txn = dovepush_pending) != NULL) {
-		dovepush_pending = txn->next;
-		old_euid = geteuid();
-		T_BEGIN {
-			service_ctx = txn->service_user == NULL ? NULL :
-				mail_storage_service_user_get_service_ctx(
-					txn->service_user);
-			/* Like lmtp's own delivery: this switches to the
-			   mail user's uid while the user is in use. */
-			if (service_ctx == NULL) {
-				dovepush_commit_unresolved(txn);
-			} else if (mail_storage_service_next(service_ctx,
-					txn->service_user, &user, &error) < 0) {
-				i_error("dovepush: cannot open the mail user "
-					"to resolve UIDs: %s", error);
-				dovepush_commit_unresolved(txn);
-			} else {
-				dovepush_resolve(txn, user);
-				mail_user_deinit(&user);
+		/* Take every pending transaction of this user's mailbox. */
+		array_clear(&group);
+		give_up = FALSE;
+		rest = NULL;
+		for (; txn != NULL; txn = next) {
+			next = txn->next;
+			if (array_count(&group) > 0 &&
+			    !dovepush_same_mailbox(txn, array_idx_elem(&group, 0))) {
+				txn->next = rest;
+				rest = txn;
+				continue;
 			}
-		} T_END;
-		i_set_failure_prefix("%s(%s): ",
-				     master_service_get_name(master_service),
-				     my_pid);
-		/* Going on as the wrong user is never safe: lmtp itself
-		   fails the same way. */
-		if (geteuid() != old_euid && seteuid(old_euid) < 0)
-			i_fatal("dovepush: seteuid(%s) failed: %m",
-				dec2str(old_euid));
-		if (txn->service_user != NULL)
-			mail_storage_service_user_unref(&txn->service_user);
-		dovepush_txn_free(txn);
+			array_push_back(&group, &txn);
+			if (timeval_diff_msecs(&ioloop_timeval, &txn->deferred_at) >=
+			    DOVEPUSH_UID_GIVE_UP_MSECS)
+				give_up = TRUE;
+		}
+		dovepush_pending = rest;
+		txn = array_idx_elem(&group, 0);
+		if (!give_up && dovepush_uidlist_locked(txn)) {
+			/* Someone holds it: try again later without
+			   opening anything. */
+			array_foreach(&group, t) {
+				(*t)->next = waiting;
+				waiting = *t;
+			}
+			continue;
+		}
+		user = txn->service_ctx == NULL ? NULL :
+			dovepush_resolver_user(&resolver, txn);
+		if (user == NULL) {
+			array_foreach(&group, t) T_BEGIN {
+				dovepush_commit_unresolved(*t);
+				dovepush_txn_free(*t);
+			} T_END;
+			continue;
+		}
+		dovepush_resolve_group(user, &group, give_up, &waiting);
+	}
+	if (resolver.username != NULL)
+		dovepush_resolver_close(&resolver);
+	array_free(&group);
+	dovepush_pending = waiting;
+	if (dovepush_pending != NULL) {
+		dovepush_pending_to =
+			dovepush_timeout_add_detached(DOVEPUSH_UID_RETRY_MSECS);
 	}
 }
 
@@ -334,8 +657,6 @@ static void dovepush_flush_pending_unresolved(void)
 		T_BEGIN {
 			dovepush_commit_unresolved(txn);
 		} T_END;
-		if (txn->service_user != NULL)
-			mail_storage_service_user_unref(&txn->service_user);
 		dovepush_txn_free(txn);
 	}
 }

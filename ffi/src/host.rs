@@ -186,6 +186,9 @@ impl SavedMail {
 pub struct Commit {
     pub uid_validity: u32,
     pub uids: Vec<u32>,
+    /// The unseen count right after the commit when the shim knows it (mails whose UIDs
+    /// were assigned after the commit are not in the index yet); `None`: ask the mailbox.
+    pub unseen: Option<u32>,
 }
 
 impl Commit {
@@ -203,6 +206,7 @@ impl Commit {
             Commit {
                 uid_validity: raw.uid_validity,
                 uids,
+                unseen: raw.unseen_known.then_some(raw.unseen),
             }
         }
     }
