@@ -43,6 +43,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
 
+/// Directories of finished runs, removed when the benchmark ends (see
+/// `Dovecot::stop_keeping_files`).
+static KEPT: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+
 fn one_run(
     plugin: Plugin,
     delay: Duration,
@@ -130,6 +134,7 @@ fn one_run(
         .iter()
         .filter(|r| r.json()["imap-uid"].as_u64() == Some(0))
         .count();
+    KEPT.lock().unwrap().push(dovecot.stop_keeping_files());
     Run {
         per_second: n as f64 / elapsed.as_secs_f64(),
         p50: percentile(&latencies, 0.5),
@@ -208,6 +213,9 @@ fn main() {
     for spread in spreads {
         table(&variants, n, connections, runs, spread);
     }
+    for dir in KEPT.lock().unwrap().drain(..) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 type Variant = (&'static str, Plugin, Duration, bool);
@@ -222,10 +230,13 @@ fn table(variants: &[Variant], n: usize, connections: usize, runs: usize, spread
         "\nLMTP throughput: {n} messages, {connections} connections, {mailboxes}, fresh Maildir per run, median of {runs} runs"
     );
     let mut rows = Vec::new();
-    // Interleave the variants run by run so machine noise spreads over all of them.
+    // Interleave the variants run by run so machine noise spreads over all of them, and
+    // rotate their order each round so that no variant always runs first or last.
     let mut results: Vec<Vec<Run>> = variants.iter().map(|_| Vec::new()).collect();
-    for _ in 0..runs {
-        for (i, (_, plugin, delay, subscribed)) in variants.iter().enumerate() {
+    for round in 0..runs {
+        for k in 0..variants.len() {
+            let i = (k + round) % variants.len();
+            let (_, plugin, delay, subscribed) = &variants[i];
             results[i].push(one_run(
                 *plugin,
                 *delay,
