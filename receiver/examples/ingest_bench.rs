@@ -357,7 +357,7 @@ id = "mail"
 
 fn parent(args: &[String]) {
     let mut s = Settings {
-        requests: 100_000,
+        requests: 300_000,
         seconds: 15,
         connections: 64,
         wide_connections: 256,
