@@ -162,11 +162,13 @@ static void dovepush_mail_save(void *txn_ptr, struct mail *mail)
 		return;
 
 	/* Maildir's storage id (the base file name) is known while saving
-	   and is how dovepush finds the mail again. Other storages lock at
-	   commit and always assign UIDs. */
+	   and is how dovepush finds the mail again if the commit assigns it
+	   no UID (lmtp only: lda asked for UIDs above). Other storages lock
+	   at commit and always assign UIDs. */
 	i_zero(&file);
 	file.base = "";
-	if (strcmp(mail->box->storage->name, "maildir") == 0 &&
+	if (txn->defer_uids &&
+	    strcmp(mail->box->storage->name, "maildir") == 0 &&
 	    mail_get_special(mail, MAIL_FETCH_STORAGE_ID, &value) == 0) {
 		file.base = p_strdup(txn->pool, value);
 		T_BEGIN {
@@ -226,15 +228,12 @@ static struct timeout *dovepush_timeout_add_detached(unsigned int msecs)
 	return to;
 }
 
-/* Can dovepush_assign_uids() handle this transaction's mails? Only Maildir
-   mails that went to new/. */
-static bool dovepush_can_assign(struct mailbox *box,
-				const struct dovepush_txn *txn)
+/* Can dovepush_assign_uids() handle this transaction's mails? Only mails
+   that went to new/ (the caller checks that the storage is Maildir). */
+static bool dovepush_can_assign(const struct dovepush_txn *txn)
 {
 	const struct dovepush_file *file;
 
-	if (strcmp(box->storage->name, "maildir") != 0)
-		return FALSE;
 	array_foreach(&txn->files, file) {
 		if (file->new_name == NULL)
 			return FALSE;
@@ -244,7 +243,8 @@ static bool dovepush_can_assign(struct mailbox *box,
 
 /* Give Maildir mails the storage left without a UID their UIDs, the way the
    save itself does when it gets the lock: take dovecot-uidlist's lock
-   without waiting, append the files of all these transactions at once
+   without waiting, append the files of all these transactions (those
+   dovepush_can_assign() accepts) at once
    (Dovecot adds them to the index at its next locked save or sync). Their
    UIDs can then be read with maildir_uidlist_get_uid(). Returns 1 when
    done, 0 when the lock is busy, -1 on failure. */
@@ -267,6 +267,8 @@ static int dovepush_assign_uids(struct mailbox *box,
 	/* Locked and refreshed: a mail someone else has listed meanwhile
 	   keeps its UID. */
 	for (i = 0; i < txn_count; i++) {
+		if (!dovepush_can_assign(txns[i]))
+			continue;
 		array_foreach(&txns[i]->files, file) {
 			if (!maildir_uidlist_get_uid(mbox->uidlist,
 						     file->new_name, &uid)) {
@@ -305,16 +307,14 @@ static bool dovepush_unseen_after_commit(struct mailbox *box,
 					 unsigned int not_indexed,
 					 uint32_t *unseen_r)
 {
-	struct mail_index_view *view;
-	const struct mail_index_header *hdr;
+	const char *error;
+	bool known;
 
-	if (box->index == NULL || mail_index_refresh(box->index) < 0)
-		return FALSE;
-	view = mail_index_view_open(box->index);
-	hdr = mail_index_get_header(view);
-	*unseen_r = hdr->messages_count - hdr->seen_messages_count + not_indexed;
-	mail_index_view_close(&view);
-	return TRUE;
+	T_BEGIN {
+		known = dovepush_shim_mailbox_unseen(box, unseen_r, &error) == 0;
+	} T_END;
+	*unseen_r += not_indexed;
+	return known;
 }
 
 static void dovepush_commit_uids(struct dovepush_txn *txn,
@@ -558,18 +558,19 @@ static void dovepush_resolve_group(struct mail_user *user,
 			dovepush_commit_unresolved(txns[i]);
 		} T_END;
 	} else {
-		if (dovepush_can_assign(box, txns[0]))
+		if (strcmp(box->storage->name, "maildir") == 0)
 			ret = dovepush_assign_uids(box, txns, count);
 		for (i = 0; i < count; i++) T_BEGIN {
 			txn = txns[i];
 			files = array_count(&txn->files);
 			uids = t_new(uint32_t, files);
-			if (ret == 0 && !give_up_waiting) {
+			if (ret < 0 || !dovepush_can_assign(txn)) {
+				dovepush_resolve_by_sync(txn, user, box);
+			} else if (ret == 0 && !give_up_waiting) {
 				txn->next = *waiting;
 				*waiting = txn;
 				txns[i] = NULL;
-			} else if (ret > 0 && dovepush_can_assign(box, txn) &&
-				   dovepush_assigned_uids(box, txn, uids)) {
+			} else if (ret > 0 && dovepush_assigned_uids(box, txn, uids)) {
 				dovepush_commit_uids(txn, user, box, uids, files);
 			} else {
 				dovepush_resolve_by_sync(txn, user, box);
