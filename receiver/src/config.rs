@@ -788,14 +788,7 @@ impl Reader {
     }
 
     fn integer(&mut self, t: &mut Table, prefix: &str, key: &str, default: u64) -> u64 {
-        match t.remove(key) {
-            None => default,
-            Some(Value::Integer(i)) if i >= 0 => i as u64,
-            Some(_) => {
-                self.bad(&Self::key(prefix, key), "expected a non-negative integer");
-                default
-            }
-        }
+        self.optional_integer(t, prefix, key).unwrap_or(default)
     }
 
     fn optional_integer(&mut self, t: &mut Table, prefix: &str, key: &str) -> Option<u64> {

@@ -387,11 +387,8 @@ plugin {{
     /// which would bias whichever variant runs next.
     pub fn stop_keeping_files(mut self) -> PathBuf {
         self.stop();
-        let path = self.path().to_owned();
-        // Skips the temp dir's removal (and nothing else that matters: the instance is
-        // stopped).
-        std::mem::forget(self);
-        path
+        self.dir.disable_cleanup(true);
+        self.path().to_owned()
     }
 
     /// Stop and start again (same config, ports, mail).

@@ -402,7 +402,7 @@ fn classify(
             Outcome::delete(&reason, None)
         }
         403 => Outcome::credentials(&reason),
-        429 | 500 | 503 => Outcome::retry(&reason, http::retry_after(headers)),
+        429 => Outcome::retry(&reason, http::retry_after(headers)),
         s if s >= 500 => Outcome::retry(&reason, http::retry_after(headers)),
         _ => Outcome::drop(&reason),
     }

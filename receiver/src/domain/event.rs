@@ -138,23 +138,25 @@ pub struct PushContent {
     pub coalesced: u32,
 }
 
-impl PushContent {
-    /// The content of a fresh event.
-    pub fn from_event(e: &NewMailEvent) -> Self {
+/// The content of a fresh event: its strings move, nothing is copied.
+impl From<NewMailEvent> for PushContent {
+    fn from(e: NewMailEvent) -> Self {
         Self {
-            event_id: e.event_id.clone(),
-            folder: e.folder.clone(),
+            event_id: e.event_id,
+            folder: e.folder,
             uidvalidity: e.uidvalidity,
             uid: e.uid,
-            from: e.from.clone(),
-            subject: e.subject.clone(),
-            snippet: e.snippet.clone(),
+            from: e.from,
+            subject: e.subject,
+            snippet: e.snippet,
             unseen: e.unseen,
             received_at: e.received_at,
             coalesced: 0,
         }
     }
+}
 
+impl PushContent {
     /// Coalescing: a still-pending push absorbs a newer event. The newer event's content
     /// wins; its unseen count wins when it has one (otherwise the last known count stays).
     pub fn absorb(self, newer: PushContent) -> PushContent {

@@ -123,9 +123,10 @@ pub async fn serve(
 /// Dispatches one request.
 pub async fn route(state: &AppState, req: Request<Incoming>) -> HttpResponse {
     let started = Instant::now();
-    let path = req.uri().path().to_owned();
+    // A clone of the URI shares its buffer: no copy of the path per request.
+    let uri = req.uri().clone();
     let method = req.method().clone();
-    let result = match (method, path.as_str()) {
+    let result = match (method, uri.path()) {
         (Method::PUT | Method::POST, notify::PATH) => notify::handle(state, req, started).await,
         (_, notify::PATH) => Err(ApiError::method_not_allowed("PUT, POST")),
         (Method::PUT, "/v1/devices") => devices::register(state, req).await,

@@ -591,19 +591,7 @@ fn exec_ingest(
         .collect::<rusqlite::Result<_>>()?;
     let folder_is_inbox = event.folder.eq_ignore_ascii_case("INBOX");
     let received_at = event.received_at;
-    // The event is ours: its strings move into the content instead of being copied.
-    let content = PushContent {
-        event_id: event.event_id,
-        folder: event.folder,
-        uidvalidity: event.uidvalidity,
-        uid: event.uid,
-        from: event.from,
-        subject: event.subject,
-        snippet: event.snippet,
-        unseen: event.unseen,
-        received_at,
-        coalesced: 0,
-    };
+    let content = PushContent::from(event);
     let mut content_json: Option<String> = None;
     let mut delta = 0;
     for (device_id, mailboxes) in devices {
