@@ -17,6 +17,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::model::Device;
+use crate::outcome::Outcome;
+
 /// The pooled client used for APNs, FCM and the OAuth token endpoint.
 pub(crate) type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -196,6 +199,26 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .parse::<u64>()
         .ok()
         .map(Duration::from_secs)
+}
+
+/// Logs a send's outcome for `service` ("APNs", "FCM"): nothing for a delivery (the hot
+/// path: not even the token hint is built), a warning for a dropped push, an error for
+/// rejected credentials, a debug line for the rest.
+pub(crate) fn log_outcome(service: &str, app: &str, device: &Device, outcome: &Outcome) {
+    match outcome {
+        Outcome::Delivered { .. } => {}
+        Outcome::Drop { reason } => {
+            let token = token_hint(&device.token);
+            tracing::warn!(%app, %token, %reason, "{service} push dropped")
+        }
+        Outcome::CredentialsRejected { reason } => {
+            tracing::error!(%app, %reason, "{service} rejected our credentials")
+        }
+        other => {
+            let token = token_hint(&device.token);
+            tracing::debug!(%app, %token, class = other.class(), reason = other.reason(), "{service} push not delivered")
+        }
+    }
 }
 
 /// A token shortened for logs: enough to find it in the store, not enough to use it.

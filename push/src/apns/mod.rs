@@ -200,7 +200,7 @@ impl ApnsSender {
                     }
                 }
             }
-            log_outcome(&self.app_id, device, &outcome);
+            http::log_outcome("APNs", &self.app_id, device, &outcome);
             return outcome;
         }
     }
@@ -405,22 +405,6 @@ fn classify(
         429 => Outcome::retry(&reason, http::retry_after(headers)),
         s if s >= 500 => Outcome::retry(&reason, http::retry_after(headers)),
         _ => Outcome::drop(&reason),
-    }
-}
-
-fn log_outcome(app: &str, device: &Device, outcome: &Outcome) {
-    let token = http::token_hint(&device.token);
-    match outcome {
-        Outcome::Delivered { .. } => {}
-        Outcome::Drop { reason } => {
-            tracing::warn!(%app, %token, %reason, "APNs push dropped")
-        }
-        Outcome::CredentialsRejected { reason } => {
-            tracing::error!(%app, %reason, "APNs rejected our credentials")
-        }
-        other => {
-            tracing::debug!(%app, %token, class = other.class(), reason = other.reason(), "APNs push not delivered")
-        }
     }
 }
 

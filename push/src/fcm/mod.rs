@@ -144,7 +144,7 @@ impl FcmSender {
                     }
                 }
             }
-            log_outcome(&self.app_id, device, &outcome);
+            http::log_outcome("FCM", &self.app_id, device, &outcome);
             return outcome;
         }
     }
@@ -267,20 +267,6 @@ fn names_the_token(e: &GoogleError) -> bool {
             .to_ascii_lowercase()
             .contains("registration token")
         || e.message.contains("message.token")
-}
-
-fn log_outcome(app: &str, device: &Device, outcome: &Outcome) {
-    let token = http::token_hint(&device.token);
-    match outcome {
-        Outcome::Delivered { .. } => {}
-        Outcome::Drop { reason } => tracing::warn!(%app, %token, %reason, "FCM push dropped"),
-        Outcome::CredentialsRejected { reason } => {
-            tracing::error!(%app, %reason, "FCM rejected our credentials")
-        }
-        other => {
-            tracing::debug!(%app, %token, class = other.class(), reason = other.reason(), "FCM push not delivered")
-        }
-    }
 }
 
 #[cfg(test)]
