@@ -36,21 +36,23 @@ pub fn parse_notification(
 ) -> Result<NewMailEvent, FieldError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| FieldError::new("body", format!("not valid JSON: {e}")))?;
-    let Value::Object(obj) = value else {
+    // Fields are taken out of the parsed object, so their strings move instead of
+    // being copied.
+    let Value::Object(mut obj) = value else {
         return Err(FieldError::new("body", "expected a JSON object"));
     };
-    let user = required_string(&obj, "user")?;
+    let user = required_string(&mut obj, "user")?;
     if user.is_empty() {
         return Err(FieldError::new("user", "must not be empty"));
     }
-    let event = required_string(&obj, "event")?;
+    let event = required_string(&mut obj, "event")?;
     if event != "messageNew" && event != "MessageNew" {
         return Err(FieldError::new(
             "event",
             format!("unsupported event {event:?}: only \"messageNew\" is handled"),
         ));
     }
-    let folder = required_string(&obj, "folder")?;
+    let folder = required_string(&mut obj, "folder")?;
     if folder.is_empty() {
         return Err(FieldError::new("folder", "must not be empty"));
     }
@@ -66,9 +68,9 @@ pub fn parse_notification(
         folder,
         uidvalidity,
         uid,
-        from: optional_string(&obj, "from")?,
-        subject: optional_string(&obj, "subject")?,
-        snippet: optional_string(&obj, "snippet")?,
+        from: optional_string(&mut obj, "from")?,
+        subject: optional_string(&mut obj, "subject")?,
+        snippet: optional_string(&mut obj, "snippet")?,
         unseen,
         received_at,
     })
@@ -85,18 +87,18 @@ pub fn validate_event_id(raw: &[u8]) -> Result<String, FieldError> {
     Ok(String::from_utf8_lossy(raw).into_owned())
 }
 
-fn required_string(obj: &Map<String, Value>, key: &str) -> Result<String, FieldError> {
-    match obj.get(key) {
-        Some(Value::String(s)) => Ok(s.clone()),
+fn required_string(obj: &mut Map<String, Value>, key: &str) -> Result<String, FieldError> {
+    match obj.remove(key) {
+        Some(Value::String(s)) => Ok(s),
         Some(_) => Err(FieldError::new(key, "expected a string")),
         None => Err(FieldError::new(key, "missing")),
     }
 }
 
-fn optional_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, FieldError> {
-    match obj.get(key) {
+fn optional_string(obj: &mut Map<String, Value>, key: &str) -> Result<Option<String>, FieldError> {
+    match obj.remove(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::String(s)) => Ok(Some(s)),
         Some(_) => Err(FieldError::new(key, "expected a string")),
     }
 }
