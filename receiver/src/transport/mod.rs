@@ -93,7 +93,8 @@ pub trait Transport: Send + Sync {
 /// record into and `/metrics` renders.
 #[derive(Clone, Default)]
 pub struct Transports {
-    by_app: HashMap<(String, TransportKind), Arc<dyn Transport>>,
+    /// Keyed by kind, then app: a lookup with a borrowed app name allocates nothing.
+    by_app: HashMap<TransportKind, HashMap<String, Arc<dyn Transport>>>,
     by_kind: HashMap<TransportKind, Arc<dyn Transport>>,
     outcomes: Arc<PushOutcomes>,
 }
@@ -116,7 +117,10 @@ impl Transports {
         kind: TransportKind,
         transport: Arc<dyn Transport>,
     ) -> Self {
-        self.by_app.insert((app.into(), kind), transport);
+        self.by_app
+            .entry(kind)
+            .or_default()
+            .insert(app.into(), transport);
         self
     }
 
@@ -129,7 +133,8 @@ impl Transports {
     /// The transport for `app` and `kind`, if any.
     pub fn get(&self, app: &str, kind: TransportKind) -> Option<&Arc<dyn Transport>> {
         self.by_app
-            .get(&(app.to_owned(), kind))
+            .get(&kind)
+            .and_then(|apps| apps.get(app))
             .or_else(|| self.by_kind.get(&kind))
     }
 
@@ -143,8 +148,8 @@ impl fmt::Debug for Transports {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut apps: Vec<_> = self
             .by_app
-            .keys()
-            .map(|(a, k)| format!("{a}/{k}"))
+            .iter()
+            .flat_map(|(k, apps)| apps.keys().map(move |a| format!("{a}/{k}")))
             .collect();
         apps.sort();
         let mut kinds: Vec<_> = self.by_kind.keys().map(|k| k.as_str()).collect();
