@@ -79,18 +79,8 @@ fn one_run(
             options.plugin_settings = vec![("dovepush_url".into(), sink.url(None))];
         }
     }
-    let mut dovecot = Dovecot::start(options).expect("dovecot");
-    if plugin == Plugin::Dovepush {
-        let config = std::fs::read_to_string(dovecot.config_path()).unwrap();
-        let spool = dovecot.spool_dir();
-        let config = config.replacen(
-            "plugin {\n",
-            &format!("plugin {{\n  dovepush_spool_dir = {}\n", spool.display()),
-            1,
-        );
-        std::fs::write(dovecot.config_path(), config).unwrap();
-        dovecot.restart().unwrap();
-    }
+    // testkit points dovepush's spool into the run's temp dir.
+    let dovecot = Dovecot::start(options).expect("dovecot");
     for user in USERS.iter().filter(|_| subscribed) {
         dovecot
             .set_subscription(user, Some(&format!("user={user}")))

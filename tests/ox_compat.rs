@@ -36,8 +36,6 @@ fn bodies_match_the_stock_ox_driver_field_by_field() {
         ..Options::default()
     })
     .unwrap();
-    let spool = dovecot.spool_dir();
-    let dovecot = common::restart_with(dovecot, &[("dovepush_spool_dir", spool.to_str().unwrap())]);
     dovecot
         .set_subscription("alice", Some("user=alice"))
         .unwrap();

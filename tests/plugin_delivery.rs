@@ -187,14 +187,7 @@ fn the_shipped_conf_d_snippet_works_as_is() {
             ..Default::default()
         })
         .unwrap();
-    let spool = dovecot.spool_dir();
-    dovecot = common::restart_with(
-        dovecot,
-        &[
-            ("dovepush_url", &sink.url(None)),
-            ("dovepush_spool_dir", spool.to_str().unwrap()),
-        ],
-    );
+    dovecot = common::restart_with(dovecot, &[("dovepush_url", &sink.url(None))]);
     dovecot
         .set_subscription("alice", Some("user=alice-login"))
         .unwrap();

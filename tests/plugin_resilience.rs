@@ -228,7 +228,7 @@ fn concurrent_maildir_deliveries_never_carry_uid_0() {
     let complaints: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("Error:") || l.contains("Panic:") || l.contains("Warning:"))
-        // The harness restarts Dovecot to load the plugin settings.
+        // The master logs this when a test restarts its instance.
         .filter(|l| !l.contains("master: Warning: Killed with signal 15"))
         .collect();
     assert!(complaints.is_empty(), "{log}");

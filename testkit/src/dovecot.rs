@@ -158,6 +158,16 @@ impl Dovecot {
         for (key, value) in &options.plugin_settings {
             plugin.push_str(&format!("  {key} = {value}\n"));
         }
+        // With the dovepush plugin, its spool goes into the temp dir unless the caller
+        // chose one.
+        if options.dovepush_module.is_some()
+            && !options
+                .plugin_settings
+                .iter()
+                .any(|(key, _)| key == "dovepush_spool_dir")
+        {
+            plugin.push_str(&format!("  dovepush_spool_dir = {}\n", spool.display()));
+        }
         let config = format!(
             r#"# Private Dovecot for dovepush tests (generated).
 base_dir = {r}/run

@@ -13,19 +13,14 @@ pub const WAIT: Duration = Duration::from_secs(20);
 pub fn dovecot_with_dovepush(url: &str, extra: &[(&str, &str)]) -> Dovecot {
     let mut settings = vec![("dovepush_url".to_string(), url.to_string())];
     settings.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let mut dovecot = Dovecot::start(Options {
+    // The spool goes into the temp dir unless the test chose one (testkit does that).
+    Dovecot::start(Options {
         delivery_plugins: "notify dovepush".into(),
         dovepush_module: Some(built_plugin()),
         plugin_settings: settings,
         ..Options::default()
     })
-    .expect("starting a private Dovecot");
-    // Point the spool into the temp dir unless the test chose one.
-    if !extra.iter().any(|(k, _)| *k == "dovepush_spool_dir") {
-        let spool = dovecot.spool_dir();
-        dovecot = restart_with(dovecot, &[("dovepush_spool_dir", spool.to_str().unwrap())]);
-    }
-    dovecot
+    .expect("starting a private Dovecot")
 }
 
 /// Add plugin settings to a running instance's config and restart it.
