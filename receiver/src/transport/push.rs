@@ -135,7 +135,6 @@ mod tests {
             snippet: None,
             unseen: Some(4),
             coalesced: 0,
-            collapse_id: "c".into(),
         }
     }
 
