@@ -21,41 +21,27 @@ pub use fcm::{FcmReply, FcmRequest, MockFcm, TEST_CLIENT_EMAIL, TEST_ONLY_SERVIC
 pub use pki::{ClientCert, TestPki};
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A fresh directory under the system temp dir, removed (with its content) on drop.
-pub struct TempDir(PathBuf);
+/// A fresh directory under the system temp dir, removed (with its content) on drop: a
+/// `tempfile::TempDir` with a label in its name and a helper to write files into it.
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new(label: &str) -> std::io::Result<Self> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!(
-            "dovepush-{label}-{}-{n}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&path)?;
-        Ok(TempDir(path))
+        tempfile::Builder::new()
+            .prefix(&format!("dovepush-{label}-"))
+            .tempdir()
+            .map(TempDir)
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 
     /// Writes `content` to `name` inside the directory and returns the full path.
     pub fn write(&self, name: &str, content: impl AsRef<[u8]>) -> PathBuf {
-        let path = self.0.join(name);
+        let path = self.path().join(name);
         std::fs::write(&path, content).expect("write test file");
         path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
