@@ -2,11 +2,11 @@
 //! with a receiver that answers at once and one that takes 50 ms. Not a test: it prints
 //! a table. Run with `./scripts/bench` (release build of the plugin first).
 //!
-//! Each run: a fresh private Dovecot (fresh Maildir), N messages over C concurrent LMTP
+//! Each run: a fresh private Dovecot on a fresh ext4 file system (loop device), N messages over C concurrent LMTP
 //! connections to one subscribed user; deliveries/s from the first DATA to the last
 //! reply, and the per-delivery reply latency. Medians over R runs.
 //! Environment: DOVEPUSH_BENCH_N (2000), DOVEPUSH_BENCH_CONNECTIONS (4),
-//! DOVEPUSH_BENCH_RUNS (3).
+//! DOVEPUSH_BENCH_RUNS (3); DOVEPUSH_BENCH_VERBOSE=1 prints every run.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -28,6 +28,61 @@ struct Run {
     p99: Duration,
     notified: usize,
     uid_zero: usize,
+    /// Machine-wide CPU time (all processes: Dovecot, the load generator, the sink) per
+    /// delivery, in µs, and the share of CPU time the machine spent idle or waiting for
+    /// the disk during the run.
+    cpu_per_delivery_us: f64,
+    idle_share: f64,
+    /// CPU time of the lmtp processes and of dovepush's sender processes per delivery (µs).
+    lmtp_us: f64,
+    sender_us: f64,
+}
+
+/// CPU time (user + system, in clock ticks) used so far by the live processes named
+/// `comm`, as /proc/<pid>/stat counts it.
+fn process_ticks(comm: &str) -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut total = 0;
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ... utime(14) stime(15)
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != comm {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let get = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        total += get(11) + get(12);
+    }
+    total
+}
+
+/// Machine-wide CPU counters from /proc/stat: (busy, idle + iowait), in clock ticks.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let get = |i: usize| fields.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal
+    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
+    (busy, get(3) + get(4))
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -43,11 +98,68 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
 
-/// Directories of finished runs, removed when the benchmark ends (see
-/// `Dovecot::stop_keeping_files`).
-static KEPT: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+/// A fresh ext4 file system for one run, on a loop device, mounted at a temp dir that
+/// becomes `TMPDIR` (where testkit puts the run's Dovecot, Maildirs and spool).
+///
+/// Every run then starts from the same file-system state. On the shared disk, runs
+/// that followed the deletion of the previous runs' thousands of files paid for it
+/// (ext4 scans its bitmaps past recently freed inodes), and lmtp's CPU time per
+/// delivery varied from 1.3 to 2.4 ms between runs of the same variant.
+struct RunFs {
+    image: std::path::PathBuf,
+    mount: std::path::PathBuf,
+}
+
+impl RunFs {
+    fn new(index: usize) -> RunFs {
+        let base = std::env::temp_dir();
+        let image = base.join(format!("dovepush-bench-{}-{index}.img", std::process::id()));
+        let mount = base.join(format!("dovepush-bench-{}-{index}", std::process::id()));
+        let run = |cmd: &mut std::process::Command| {
+            let status = cmd.status().expect("run a file-system command");
+            assert!(status.success(), "{cmd:?} failed");
+        };
+        run(std::process::Command::new("truncate")
+            .args(["-s", "512M"])
+            .arg(&image));
+        // Initialise inode tables and journal now: a lazy init would run in the
+        // background during the measurement.
+        run(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(&image));
+        std::fs::create_dir_all(&mount).expect("mount point");
+        run(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mount));
+        std::env::set_var("TMPDIR", &mount);
+        RunFs { image, mount }
+    }
+}
+
+impl Drop for RunFs {
+    fn drop(&mut self) {
+        std::env::remove_var("TMPDIR");
+        // A process that outlives Dovecot's stop for a moment (a sender flushing) may
+        // still hold the file system.
+        for _ in 0..50 {
+            let unmounted = std::process::Command::new("umount")
+                .arg(&self.mount)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if unmounted {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = std::fs::remove_dir(&self.mount);
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
 
 fn one_run(
+    index: usize,
     plugin: Plugin,
     delay: Duration,
     subscribed: bool,
@@ -55,6 +167,7 @@ fn one_run(
     connections: usize,
     spread: bool,
 ) -> Run {
+    let fs = RunFs::new(index);
     let sink = Sink::start();
     sink.set_delay(delay);
     let mut options = Options {
@@ -88,6 +201,7 @@ fn one_run(
     }
     let message = messages::simple(1);
     let latencies = Mutex::new(Vec::with_capacity(n));
+    let ticks_before = cpu_ticks();
     let started = Instant::now();
     std::thread::scope(|scope| {
         for c in 0..connections {
@@ -112,6 +226,8 @@ fn one_run(
         }
     });
     let elapsed = started.elapsed();
+    let ticks_after = cpu_ticks();
+    let lmtp_ticks = process_ticks("lmtp");
     let mut latencies = latencies.into_inner().unwrap();
     latencies.sort();
     let expected = if plugin == Plugin::None || !subscribed {
@@ -120,12 +236,22 @@ fn one_run(
         n
     };
     let requests = sink.wait_for(expected, Duration::from_secs(60));
+    let sender_ticks = process_ticks("dovepush-send");
     let uid_zero = requests
         .iter()
         .filter(|r| r.json()["imap-uid"].as_u64() == Some(0))
         .count();
-    KEPT.lock().unwrap().push(dovecot.stop_keeping_files());
+    drop(dovecot);
+    drop(fs);
+    // /proc/stat counts in USER_HZ, which Linux fixes at 100 for user space.
+    let ticks_per_second = 100.0;
+    let busy = (ticks_after.0 - ticks_before.0) as f64;
+    let idle = (ticks_after.1 - ticks_before.1) as f64;
     Run {
+        cpu_per_delivery_us: busy / ticks_per_second * 1e6 / n as f64,
+        idle_share: idle / (busy + idle).max(1.0),
+        lmtp_us: lmtp_ticks as f64 / ticks_per_second * 1e6 / n as f64,
+        sender_us: sender_ticks as f64 / ticks_per_second * 1e6 / n as f64,
         per_second: n as f64 / elapsed.as_secs_f64(),
         p50: percentile(&latencies, 0.5),
         p99: percentile(&latencies, 0.99),
@@ -203,9 +329,6 @@ fn main() {
     for spread in spreads {
         table(&variants, n, connections, runs, spread);
     }
-    for dir in KEPT.lock().unwrap().drain(..) {
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }
 
 type Variant = (&'static str, Plugin, Duration, bool);
@@ -217,9 +340,8 @@ fn table(variants: &[Variant], n: usize, connections: usize, runs: usize, spread
         "all to one user (one Maildir)".to_string()
     };
     println!(
-        "\nLMTP throughput: {n} messages, {connections} connections, {mailboxes}, fresh Maildir per run, median of {runs} runs"
+        "\nLMTP throughput: {n} messages, {connections} connections, {mailboxes}, fresh Maildir on a fresh ext4 per run, median of {runs} runs"
     );
-    let mut rows = Vec::new();
     // Interleave the variants run by run so machine noise spreads over all of them, and
     // rotate their order each round so that no variant always runs first or last.
     let mut results: Vec<Vec<Run>> = variants.iter().map(|_| Vec::new()).collect();
@@ -227,34 +349,54 @@ fn table(variants: &[Variant], n: usize, connections: usize, runs: usize, spread
         for k in 0..variants.len() {
             let i = (k + round) % variants.len();
             let (_, plugin, delay, subscribed) = &variants[i];
-            results[i].push(one_run(
+            let run = one_run(
+                round * variants.len() + k,
                 *plugin,
                 *delay,
                 *subscribed,
                 n,
                 connections,
                 spread,
-            ));
+            );
+            if std::env::var_os("DOVEPUSH_BENCH_VERBOSE").is_some() {
+                eprintln!(
+                    "round {round} {}: {:.0}/s, p99 {:.2} ms, CPU {:.0} µs/delivery (lmtp {:.0}, sender {:.0})",
+                    variants[i].0,
+                    run.per_second,
+                    run.p99.as_secs_f64() * 1000.0,
+                    run.cpu_per_delivery_us,
+                    run.lmtp_us,
+                    run.sender_us
+                );
+            }
+            results[i].push(run);
         }
     }
-    for ((name, _, _, _), runs) in variants.iter().zip(&results) {
-        let rate = median(runs.iter().map(|r| r.per_second).collect());
-        let p50 = median(runs.iter().map(|r| r.p50.as_secs_f64() * 1000.0).collect());
-        let p99 = median(runs.iter().map(|r| r.p99.as_secs_f64() * 1000.0).collect());
-        let notified = runs.iter().map(|r| r.notified).min().unwrap_or(0);
-        let uid_zero = runs.iter().map(|r| r.uid_zero).max().unwrap_or(0);
-        rows.push((name, rate, p50, p99, notified, uid_zero));
-    }
-    let base = rows[0].1;
-    let base_p99 = rows[0].3;
     println!();
-    println!("| variant | deliveries/s | × no plugin | LMTP p50 ms | LMTP p99 ms | p99 added ms | notified (min) | imap-uid 0 (max) |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for (name, rate, p50, p99, notified, uid_zero) in &rows {
+    println!("| variant | deliveries/s | × no plugin | LMTP p50 ms | LMTP p99 ms | p99 added ms | notified (min) | imap-uid 0 (max) | CPU µs/delivery | idle | lmtp µs | sender µs |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let base = &results[0];
+    for ((name, _, _, _), runs) in variants.iter().zip(&results) {
+        let of = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
+        // Ratio and added p99 are medians of per-round comparisons: each run against
+        // the baseline run of the same round, which cancels the machine's slow drifts.
+        let paired = |f: &dyn Fn(&Run, &Run) -> f64| {
+            median(runs.iter().zip(base).map(|(r, b)| f(r, b)).collect())
+        };
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         println!(
-            "| {name} | {rate:.0} | {:.2} | {p50:.2} | {p99:.2} | {:+.2} | {notified} | {uid_zero} |",
-            rate / base,
-            p99 - base_p99
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:+.2} | {} | {} | {:.0} | {:.0} % | {:.0} | {:.0} |",
+            of(&|r| r.per_second),
+            paired(&|r, b| r.per_second / b.per_second),
+            of(&|r| ms(r.p50)),
+            of(&|r| ms(r.p99)),
+            paired(&|r, b| ms(r.p99) - ms(b.p99)),
+            runs.iter().map(|r| r.notified).min().unwrap_or(0),
+            runs.iter().map(|r| r.uid_zero).max().unwrap_or(0),
+            of(&|r| r.cpu_per_delivery_us),
+            of(&|r| r.idle_share * 100.0),
+            of(&|r| r.lmtp_us),
+            of(&|r| r.sender_us),
         );
     }
 }

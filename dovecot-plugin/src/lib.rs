@@ -6,8 +6,8 @@
 //! waits for the network; what cannot be sent is spooled and sent later.
 //!
 //! Modules: [`config`] (settings), [`subscription`] (METADATA value and cache),
-//! [`event`] (the JSON body), [`job`] (a send unit), [`sender`] (background thread),
-//! [`spool`] (on-disk fallback). This file only wires them to Dovecot's hooks through
+//! [`event`] (the JSON body), [`job`] (a send unit), [`sender`] (sending, retries,
+//! replays), [`process`] (the sender process it runs in), [`spool`] (on-disk fallback). This file only wires them to Dovecot's hooks through
 //! `dovepush-ffi`; everything else is safe Rust tested without Dovecot.
 
 #![deny(unsafe_code)]
@@ -15,7 +15,8 @@
 pub mod config;
 pub mod event;
 pub mod job;
-#[allow(unsafe_code)] // blocks signals in the sender thread (libc)
+#[allow(unsafe_code)] // fork, socket and signal calls (libc)
+pub mod process;
 pub mod sender;
 pub mod spool;
 pub mod subscription;
@@ -29,7 +30,8 @@ use dovepush_ffi::{Commit, LogLevel, Mailbox, Plugin, SavedMail, User};
 use crate::config::{Config, Endpoint};
 use crate::event::{Event, EventIds};
 use crate::job::{now_ms, Job};
-use crate::sender::{LogQueue, Sender, Submission};
+use crate::process::Sender;
+use crate::sender::Submission;
 use crate::spool::Spool;
 use crate::subscription::{SubscriptionCache, METADATA_KEY};
 
@@ -42,7 +44,6 @@ struct Active {
 
 /// The plugin's per-process state (lives on Dovecot's thread).
 pub struct Dovepush {
-    logs: LogQueue,
     sender: Option<Sender>,
     /// Parsed configs by their raw settings, so each distinct config is parsed (and its
     /// problems reported) once per process.
@@ -93,9 +94,11 @@ fn raw_settings(user: &User<'_>) -> Vec<(String, String)> {
 }
 
 impl Dovepush {
-    fn flush_logs(&self) {
-        for line in self.logs.take() {
-            dovepush_ffi::log(line.level, &line.text);
+    fn flush_logs(&mut self) {
+        if let Some(sender) = &mut self.sender {
+            for line in sender.take_logs() {
+                dovepush_ffi::log(line.level, &line.text);
+            }
         }
     }
 
@@ -180,26 +183,34 @@ impl Dovepush {
     }
 
     fn submit(&mut self, submission: Submission, queue_size: usize, log: &dyn Fn(LogLevel, &str)) {
+        if self.sender.as_ref().is_some_and(Sender::is_gone) {
+            self.flush_logs();
+            self.sender = None;
+            log(
+                LogLevel::Warning,
+                "the sender process has exited; starting a new one",
+            );
+        }
         if self.sender.is_none() {
-            match Sender::start(queue_size, self.logs.clone()) {
+            match Sender::start(queue_size) {
                 Ok(sender) => self.sender = Some(sender),
                 Err(e) => log(
                     LogLevel::Error,
-                    &format!("cannot start the sender thread: {e}; spooling instead"),
+                    &format!("cannot start the sender process: {e}; spooling instead"),
                 ),
             }
         }
-        let rejected = match &self.sender {
-            Some(sender) => sender.submit(submission).err(),
-            None => Some(submission),
+        let refused = match &mut self.sender {
+            Some(sender) => sender.submit(&submission).err(),
+            None => Some(process::Refused::Gone("it could not be started".into())),
         };
-        if let Some(submission) = rejected {
+        if let Some(why) = refused {
             let job = &submission.job;
             match submission.spool.store(job) {
                 Ok(_) => log(
                     LogLevel::Warning,
                     &format!(
-                        "send queue full: event {} spooled in {}",
+                        "{why}: event {} spooled in {}",
                         job.event_id,
                         submission.spool.dir().display()
                     ),
@@ -207,7 +218,7 @@ impl Dovepush {
                 Err(e) => log(
                     LogLevel::Error,
                     &format!(
-                        "send queue full and event {} could not be spooled in {}: {e}",
+                        "{why} and event {} could not be spooled in {}: {e}",
                         job.event_id,
                         submission.spool.dir().display()
                     ),
@@ -222,7 +233,6 @@ impl Plugin for Dovepush {
 
     fn init() -> Self {
         Dovepush {
-            logs: LogQueue::default(),
             sender: None,
             configs: HashMap::new(),
             subscriptions: SubscriptionCache::default(),
@@ -232,10 +242,12 @@ impl Plugin for Dovepush {
     }
 
     fn deinit(mut self) {
-        if let Some(sender) = self.sender.take() {
-            sender.shutdown(self.flush);
-        }
         self.flush_logs();
+        if let Some(sender) = self.sender.take() {
+            for line in sender.shutdown(self.flush) {
+                dovepush_ffi::log(line.level, &line.text);
+            }
+        }
     }
 
     fn delivery_begin(&mut self, user: &User<'_>, mailbox: &Mailbox<'_>) -> Option<Delivery> {

@@ -1,9 +1,8 @@
-//! The background sender: a thread with its own small tokio runtime that sends jobs
-//! with hyper, retries, spools what it cannot send and replays the spool.
-//!
-//! The delivery path only calls [`Sender::submit`], a non-blocking hand-off into a
-//! bounded queue. The thread never touches Dovecot: its log lines go into a
-//! [`LogQueue`] that Dovecot's thread writes out at the next hook or at deinit.
+//! The background sender's logic: it sends jobs with hyper, retries, spools what it
+//! cannot send and replays the spool. It runs on a small tokio runtime in the sender
+//! process ([`crate::process`]), never in a Dovecot process's own threads, and never
+//! touches Dovecot: its log lines go into a [`LogQueue`] that the sender process passes
+//! back to Dovecot's thread.
 //!
 //! Outcomes (as the ox driver's lib-http, but with backoff and a spool):
 //! - 2xx: delivered; a success also starts a replay of that endpoint's spooled events;
@@ -11,15 +10,13 @@
 //!   backoff, then spooled;
 //! - any other status: final, logged with the user, not retried.
 //!
-//! [`Sender::shutdown`] (plugin deinit) gives in-flight jobs a bounded time, then spools
-//! whatever is still unsent and joins the thread.
+//! When told to stop (plugin deinit, or the Dovecot process gone), in-flight jobs get a
+//! bounded time, then whatever is still unsent is spooled.
 
 use std::collections::{HashMap, HashSet};
-use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -42,7 +39,6 @@ const MAX_IN_FLIGHT: usize = 128;
 /// First retry delay; doubles per attempt up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-const THREAD_STACK: usize = 1024 * 1024;
 const USER_AGENT: &str = concat!("dovepush/", env!("CARGO_PKG_VERSION"));
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +47,7 @@ pub struct LogLine {
     pub text: String,
 }
 
-/// Log lines made off Dovecot's thread, waiting to be written by it.
+/// Log lines made in the sender process, waiting to be passed to Dovecot's thread.
 #[derive(Debug, Clone, Default)]
 pub struct LogQueue(Arc<Mutex<Vec<LogLine>>>);
 
@@ -66,6 +62,14 @@ impl LogQueue {
 
     pub fn take(&self) -> Vec<LogLine> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Return lines that could not be passed on yet, ahead of newer ones.
+    pub fn put_back(&self, mut older: Vec<LogLine>) {
+        let mut lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        older.append(&mut lines);
+        older.truncate(10_000);
+        *lines = older;
     }
 }
 
@@ -489,99 +493,24 @@ impl Worker {
     }
 }
 
-/// Handle to the background sender, owned by the plugin on Dovecot's thread.
-pub struct Sender {
-    jobs: mpsc::Sender<Submission>,
-    stop: Option<oneshot::Sender<Duration>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-/// Run `f` with every blockable signal blocked, so a thread spawned inside inherits a
-/// mask that leaves Dovecot's signal handling to Dovecot's thread.
-fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
-    // SAFETY: plain libc signal-mask calls on valid, local sigset_t values.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let result = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        result
-    }
-}
-
-impl Sender {
-    /// Start the thread and its runtime.
-    pub fn start(queue_size: usize, logs: LogQueue) -> io::Result<Sender> {
-        let client = build_client().map_err(io::Error::other)?;
-        let (jobs_tx, jobs_rx) = mpsc::channel(queue_size);
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let worker = Arc::new(Worker {
-            client,
-            logs: logs.clone(),
-            limit: Semaphore::new(MAX_IN_FLIGHT),
-            pending: Mutex::new(HashMap::new()),
-            next_key: AtomicU64::new(0),
-            spools: Mutex::new(HashMap::new()),
-        });
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let thread = with_signals_blocked(|| {
-            std::thread::Builder::new()
-                .name("dovepush-sender".into())
-                .stack_size(THREAD_STACK)
-                .spawn(move || {
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        runtime.block_on(worker.run(jobs_rx, stop_rx));
-                    }));
-                    if let Err(payload) = result {
-                        logs.push(
-                            Level::Error,
-                            format!(
-                                "sender thread failed: {}",
-                                dovepush_ffi::guard::payload_text(&*payload)
-                            ),
-                        );
-                    }
-                })
-        })?;
-        Ok(Sender {
-            jobs: jobs_tx,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        })
-    }
-
-    /// Hand a job to the thread without waiting. `Err` gives it back when the queue is
-    /// full or the thread is gone; the caller spools it.
-    pub fn submit(&self, submission: Submission) -> Result<(), Submission> {
-        self.jobs.try_send(submission).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s) => s,
-        })
-    }
-
-    /// Give in-flight jobs up to `flush`, spool the rest, join the thread.
-    pub fn shutdown(mut self, flush: Duration) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(flush);
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for Sender {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(Duration::ZERO);
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+/// The sender's whole life: build the HTTP client, then take jobs until `stop` says how
+/// long in-flight jobs may still take, spool what is left and return. Runs on the
+/// sender process's runtime ([`crate::process`]).
+pub async fn run(
+    jobs: mpsc::Receiver<Submission>,
+    stop: oneshot::Receiver<Duration>,
+    logs: LogQueue,
+) -> Result<(), String> {
+    let worker = Arc::new(Worker {
+        client: build_client()?,
+        logs,
+        limit: Semaphore::new(MAX_IN_FLIGHT),
+        pending: Mutex::new(HashMap::new()),
+        next_key: AtomicU64::new(0),
+        spools: Mutex::new(HashMap::new()),
+    });
+    worker.run(jobs, stop).await;
+    Ok(())
 }
 
 #[cfg(test)]
