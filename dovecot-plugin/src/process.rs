@@ -362,16 +362,16 @@ impl Drop for Sender {
 
 // --- the sender process side ------------------------------------------------------------
 
-/// The child's whole life: leave Dovecot's state behind, serve, `_exit`.
+/// The child's whole life: leave Dovecot's state behind, serve, `_exit`. Nothing may
+/// unwind out of here: the frames above are Dovecot's, in a process that is not lmtp.
 fn child_main(socket: RawFd, queue_size: usize) -> ! {
-    // SAFETY: the child is single-threaded; it only resets its own process state.
-    let socket = unsafe { leave_dovecot(socket) };
-    let code = match std::panic::catch_unwind(|| serve(socket, queue_size)) {
-        Ok(()) => 0,
-        Err(_) => 70,
-    };
+    let served = std::panic::catch_unwind(|| {
+        // SAFETY: this is the fresh single-threaded child, before anything else ran.
+        let socket = unsafe { leave_dovecot(socket) };
+        serve(socket, queue_size);
+    });
     // SAFETY: ends the child without running the Dovecot process's exit handlers.
-    unsafe { libc::_exit(code) }
+    unsafe { libc::_exit(if served.is_ok() { 0 } else { 70 }) }
 }
 
 /// Reset what the child inherited from Dovecot. Returns the socket, moved to fd 3.
@@ -448,31 +448,40 @@ fn serve(socket: OwnedFd, queue_size: usize) {
         }
     };
     let raw = socket.as_raw_fd();
-    runtime.block_on(async {
-        // SAFETY: an OwnedFd's descriptor stays open and the same until it is dropped.
-        let socket = match unsafe { AsyncFd::register(socket) } {
-            Ok(socket) => Arc::new(socket),
-            Err(e) => {
+    let worked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(async {
+            // SAFETY: an OwnedFd's descriptor stays open and the same until it is dropped.
+            let socket = match unsafe { AsyncFd::register(socket) } {
+                Ok(socket) => Arc::new(socket),
+                Err(e) => {
+                    logs.push(LogLevel::Error, format!("sender process: {e}"));
+                    return;
+                }
+            };
+            let (jobs_tx, jobs_rx) = mpsc::channel(queue_size.max(1));
+            let (stop_tx, stop_rx) = oneshot::channel();
+            tokio::spawn(read_frames(socket.clone(), jobs_tx, stop_tx, logs.clone()));
+            let writer_logs = logs.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(LOG_INTERVAL).await;
+                    pass_logs(raw, &writer_logs);
+                }
+            });
+            if let Err(e) = sender::run(jobs_rx, stop_rx, logs.clone()).await {
                 logs.push(LogLevel::Error, format!("sender process: {e}"));
-                return;
             }
-        };
-        let (jobs_tx, jobs_rx) = mpsc::channel(queue_size.max(1));
-        let (stop_tx, stop_rx) = oneshot::channel();
-        tokio::spawn(read_frames(socket.clone(), jobs_tx, stop_tx, logs.clone()));
-        let writer_logs = logs.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(LOG_INTERVAL).await;
-                pass_logs(raw, &writer_logs);
-            }
-        });
-        if let Err(e) = sender::run(jobs_rx, stop_rx, logs.clone()).await {
-            logs.push(LogLevel::Error, format!("sender process: {e}"));
-        }
-        pass_logs(raw, &logs);
-    });
-    drop(runtime);
+        })
+    }));
+    if let Err(payload) = worked {
+        let text = dovepush_ffi::guard::take_last_panic()
+            .unwrap_or_else(|| dovepush_ffi::guard::payload_text(&*payload));
+        logs.push(
+            LogLevel::Error,
+            format!("sender process failed: {text}; its queued events are lost"),
+        );
+    }
+    pass_logs(raw, &logs);
 }
 
 /// Send the queued log lines back; what does not fit now waits for the next round.
