@@ -28,6 +28,8 @@ struct Run {
     p99: Duration,
     notified: usize,
     uid_zero: usize,
+    /// Notifications dovepush had to spool (its log says so) instead of sending at once.
+    spooled: usize,
     /// Machine-wide CPU time (all processes: Dovecot, the load generator, the sink) per
     /// delivery, in µs, and the share of CPU time the machine spent idle or waiting for
     /// the disk during the run.
@@ -241,6 +243,7 @@ fn one_run(
         .iter()
         .filter(|r| r.json()["imap-uid"].as_u64() == Some(0))
         .count();
+    let spooled = dovecot.log().matches(" spooled in ").count();
     drop(dovecot);
     drop(fs);
     // /proc/stat counts in USER_HZ, which Linux fixes at 100 for user space.
@@ -257,6 +260,7 @@ fn one_run(
         p99: percentile(&latencies, 0.99),
         notified: requests.len(),
         uid_zero,
+        spooled,
     }
 }
 
@@ -360,21 +364,22 @@ fn table(variants: &[Variant], n: usize, connections: usize, runs: usize, spread
             );
             if std::env::var_os("DOVEPUSH_BENCH_VERBOSE").is_some() {
                 eprintln!(
-                    "round {round} {}: {:.0}/s, p99 {:.2} ms, CPU {:.0} µs/delivery (lmtp {:.0}, sender {:.0})",
+                    "round {round} {}: {:.0}/s, p99 {:.2} ms, CPU {:.0} µs/delivery (lmtp {:.0}, sender {:.0}), spooled {}",
                     variants[i].0,
                     run.per_second,
                     run.p99.as_secs_f64() * 1000.0,
                     run.cpu_per_delivery_us,
                     run.lmtp_us,
-                    run.sender_us
+                    run.sender_us,
+                    run.spooled
                 );
             }
             results[i].push(run);
         }
     }
     println!();
-    println!("| variant | deliveries/s | × no plugin | LMTP p50 ms | LMTP p99 ms | p99 added ms | notified (min) | imap-uid 0 (max) | CPU µs/delivery | idle | lmtp µs | sender µs |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| variant | deliveries/s | × no plugin | LMTP p50 ms | LMTP p99 ms | p99 added ms | notified (min) | imap-uid 0 (max) | spooled (max) | CPU µs/delivery | idle | lmtp µs | sender µs |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let base = &results[0];
     for ((name, _, _, _), runs) in variants.iter().zip(&results) {
         let of = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
@@ -385,7 +390,7 @@ fn table(variants: &[Variant], n: usize, connections: usize, runs: usize, spread
         };
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         println!(
-            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:+.2} | {} | {} | {:.0} | {:.0} % | {:.0} | {:.0} |",
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:+.2} | {} | {} | {} | {:.0} | {:.0} % | {:.0} | {:.0} |",
             of(&|r| r.per_second),
             paired(&|r, b| r.per_second / b.per_second),
             of(&|r| ms(r.p50)),
@@ -393,6 +398,7 @@ fn table(variants: &[Variant], n: usize, connections: usize, runs: usize, spread
             paired(&|r, b| ms(r.p99) - ms(b.p99)),
             runs.iter().map(|r| r.notified).min().unwrap_or(0),
             runs.iter().map(|r| r.uid_zero).max().unwrap_or(0),
+            runs.iter().map(|r| r.spooled).max().unwrap_or(0),
             of(&|r| r.cpu_per_delivery_us),
             of(&|r| r.idle_share * 100.0),
             of(&|r| r.lmtp_us),

@@ -11,9 +11,10 @@
 //! The plugin forks the sender process at its first notification (on Dovecot's thread,
 //! while the process is single-threaded). The child leaves everything of Dovecot's
 //! behind at once: default signal handlers (SIGTERM, SIGINT, SIGHUP and SIGPIPE
-//! ignored), every inherited descriptor closed but its socket, a session of its own, `/`
-//! as working directory, the name `dovepush-send`, and the real uid and gid of the Dovecot process (lmtp's root,
-//! not whichever mail user's delivery started it). It never calls into Dovecot and ends
+//! ignored), every inherited descriptor closed but its socket, a process group of its
+//! own, nice 10 (it yields the CPU to deliveries), `/` as working directory, the name
+//! `dovepush-send`, and the real uid and gid of the Dovecot process (lmtp's root, not
+//! whichever mail user's delivery started it). It never calls into Dovecot and ends
 //! with `_exit`.
 //!
 //! The two talk over a `SOCK_SEQPACKET` socket pair, one message per frame:
@@ -33,6 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot};
 
 use dovepush_ffi::LogLevel;
@@ -49,6 +51,9 @@ const LOG_INTERVAL: Duration = Duration::from_millis(50);
 /// Beyond the flush time, how long deinit waits for the sender's last lines.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 const PROCESS_NAME: &[u8] = b"dovepush-send\0";
+/// The sender's nice value: background work that yields the CPU to deliveries when they
+/// compete for it (on an idle machine it runs at once all the same).
+const SENDER_NICE: libc::c_int = 10;
 
 /// A frame from the Dovecot process to the sender.
 #[derive(Debug)]
@@ -415,7 +420,11 @@ unsafe fn leave_dovecot(socket: RawFd) -> OwnedFd {
         let flags = libc::fcntl(SOCKET_FD, libc::F_GETFL);
         libc::fcntl(SOCKET_FD, libc::F_SETFL, flags | libc::O_NONBLOCK);
 
-        libc::setsid();
+        // A process group of its own (signals to Dovecot's group are not for it), but the
+        // same session: the scheduler groups processes by session (autogroup), and in
+        // Dovecot's group the nice value below ranks it after the deliveries.
+        libc::setpgid(0, 0);
+        libc::setpriority(libc::PRIO_PROCESS, 0, SENDER_NICE);
         // Do not pin whatever directory lmtp was in (a mail home, a file system).
         libc::chdir(c"/".as_ptr());
         libc::prctl(libc::PR_SET_NAME, PROCESS_NAME.as_ptr());
@@ -450,14 +459,17 @@ fn serve(socket: OwnedFd, queue_size: usize) {
     let raw = socket.as_raw_fd();
     let worked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         runtime.block_on(async {
+            // Readable only: frames go out with non-blocking sends, and a writable
+            // interest would wake the sender each time Dovecot reads its log lines.
             // SAFETY: an OwnedFd's descriptor stays open and the same until it is dropped.
-            let socket = match unsafe { AsyncFd::register(socket) } {
-                Ok(socket) => Arc::new(socket),
-                Err(e) => {
-                    logs.push(LogLevel::Error, format!("sender process: {e}"));
-                    return;
-                }
-            };
+            let socket =
+                match unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) } {
+                    Ok(socket) => Arc::new(socket),
+                    Err(e) => {
+                        logs.push(LogLevel::Error, format!("sender process: {e}"));
+                        return;
+                    }
+                };
             let (jobs_tx, jobs_rx) = mpsc::channel(queue_size.max(1));
             let (stop_tx, stop_rx) = oneshot::channel();
             tokio::spawn(read_frames(socket.clone(), jobs_tx, stop_tx, logs.clone()));

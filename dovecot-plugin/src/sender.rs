@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -104,11 +104,8 @@ pub fn backoff(attempt: u32) -> Duration {
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-fn build_client() -> Result<HttpClient, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
+/// A client that verifies TLS against `roots` (an empty store for the plain-HTTP one).
+fn build_client(roots: rustls::RootCertStore) -> Result<HttpClient, String> {
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -127,6 +124,38 @@ fn build_client() -> Result<HttpClient, String> {
         .build(https))
 }
 
+/// The HTTP clients of a sender: one for `http://` receivers, made at start, and one for
+/// `https://` receivers, made at the first such request. Only the second loads the
+/// system trust store, which takes milliseconds of CPU in every new sender process.
+struct Clients {
+    plain: HttpClient,
+    tls: OnceLock<Result<HttpClient, String>>,
+}
+
+impl Clients {
+    fn new() -> Result<Clients, String> {
+        Ok(Clients {
+            plain: build_client(rustls::RootCertStore::empty())?,
+            tls: OnceLock::new(),
+        })
+    }
+
+    /// The client for `url` (a URL as [`crate::config::Endpoint`] normalises it).
+    fn for_url(&self, url: &str) -> Result<&HttpClient, &str> {
+        if !url.starts_with("https:") {
+            return Ok(&self.plain);
+        }
+        let tls = self.tls.get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            build_client(roots)
+        });
+        tls.as_ref().map_err(String::as_str)
+    }
+}
+
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -139,7 +168,11 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// Send `job` once.
-async fn attempt(client: &HttpClient, job: &Job) -> Attempt {
+async fn attempt(clients: &Clients, job: &Job) -> Attempt {
+    let client = match clients.for_url(&job.endpoint.display_url) {
+        Ok(client) => client,
+        Err(e) => return Attempt::Retry(e.to_string()),
+    };
     let mut request = Request::put(job.endpoint.display_url.as_str())
         .header("content-type", "application/json; charset=utf-8")
         .header("user-agent", USER_AGENT)
@@ -198,7 +231,7 @@ impl SpoolState {
 }
 
 struct Worker {
-    client: HttpClient,
+    clients: Clients,
     logs: LogQueue,
     limit: Semaphore,
     pending: Mutex<HashMap<u64, Submission>>,
@@ -278,7 +311,7 @@ impl Worker {
         let attempts = job.endpoint.max_retries.saturating_add(1);
         let mut last_problem = String::new();
         for n in 0..attempts {
-            match attempt(&self.client, job).await {
+            match attempt(&self.clients, job).await {
                 Attempt::Delivered(status) => {
                     self.finish(key);
                     if submission.debug {
@@ -384,7 +417,7 @@ impl Worker {
                 left += 1;
                 continue;
             }
-            match attempt(&self.client, &job).await {
+            match attempt(&self.clients, &job).await {
                 Attempt::Delivered(_) => {
                     Spool::remove(&path);
                     sent += 1;
@@ -493,7 +526,7 @@ impl Worker {
     }
 }
 
-/// The sender's whole life: build the HTTP client, then take jobs until `stop` says how
+/// The sender's whole life: make the HTTP clients, then take jobs until `stop` says how
 /// long in-flight jobs may still take, spool what is left and return. Runs on the
 /// sender process's runtime ([`crate::process`]).
 pub async fn run(
@@ -502,7 +535,7 @@ pub async fn run(
     logs: LogQueue,
 ) -> Result<(), String> {
     let worker = Arc::new(Worker {
-        client: build_client()?,
+        clients: Clients::new()?,
         logs,
         limit: Semaphore::new(MAX_IN_FLIGHT),
         pending: Mutex::new(HashMap::new()),
@@ -532,6 +565,18 @@ mod tests {
             let status = StatusCode::from_u16(fatal).unwrap();
             assert!(matches!(classify(status), Attempt::Final(_)), "{fatal}");
         }
+    }
+
+    #[test]
+    fn the_trust_store_is_loaded_only_for_https() {
+        let clients = Clients::new().unwrap();
+        assert!(clients.for_url("http://127.0.0.1:9/notify").is_ok());
+        assert!(
+            clients.tls.get().is_none(),
+            "plain HTTP needs no trust store"
+        );
+        assert!(clients.for_url("https://push.example/notify").is_ok());
+        assert!(clients.tls.get().is_some());
     }
 
     #[test]
