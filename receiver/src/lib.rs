@@ -42,7 +42,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use config::{Config, TlsFiles};
@@ -52,7 +52,7 @@ use domain::outbox::{Dispatcher, RetryPolicy, SEND_TIMEOUT};
 use domain::registry::Registry;
 use mailserver::{ImapMailServer, MailError, MailServer};
 use store::sqlite::SqliteStore;
-use store::{Store, StoreError};
+use store::{SendSlots, Store, StoreError};
 use telemetry::Metrics;
 use transport::Transports;
 
@@ -94,6 +94,8 @@ pub async fn run_with(
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
     let metrics = Arc::new(Metrics::with_push_outcomes(transports.push_outcomes()));
     let wake = Arc::new(Notify::new());
+    let slots: SendSlots = Arc::new(Semaphore::new(config.outbox.concurrency));
+    let (direct_tx, direct_rx) = mpsc::unbounded_channel();
     if transports.is_empty() {
         tracing::warn!("No push transports configured: pushes stay queued until their deadline.");
     }
@@ -125,6 +127,8 @@ pub async fn run_with(
             metrics.clone(),
             config.outbox.coalesce,
             wake.clone(),
+            slots.clone(),
+            direct_tx,
         ),
         registry: Registry::new(
             store.clone(),
@@ -143,12 +147,13 @@ pub async fn run_with(
         metrics,
         mail,
         wake,
+        slots,
         concurrency: config.outbox.concurrency,
         send_timeout: SEND_TIMEOUT,
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let dispatcher = tokio::spawn(dispatcher.run(stop_rx.clone()));
+    let dispatcher = tokio::spawn(dispatcher.run(direct_rx, stop_rx.clone()));
     let pruner = tokio::spawn(prune_events(
         store.clone(),
         config.store.event_retention,

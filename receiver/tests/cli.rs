@@ -177,6 +177,7 @@ async fn subscriptions_and_queue_commands() {
                     received_at: 1_700_000_000_000,
                 },
                 4_000_000_000_000,
+                None,
             )
             .await
             .unwrap();

@@ -1,13 +1,14 @@
 //! Accepting a new-mail event: one durable commit of the event and its outbox items, then
-//! counting it and waking the dispatcher.
+//! counting it and handing the items the store marked in flight to the dispatcher (or
+//! waking it to claim the others).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 use super::event::NewMailEvent;
-use crate::store::{IngestOutcome, Store, StoreError};
+use crate::store::{Claimed, IngestOutcome, SendSlots, Store, StoreError};
 use crate::telemetry::Metrics;
 
 /// The ingest service.
@@ -16,22 +17,28 @@ pub struct Ingest {
     metrics: Arc<Metrics>,
     coalesce: Duration,
     wake: Arc<Notify>,
+    slots: SendSlots,
+    direct: mpsc::UnboundedSender<Claimed>,
 }
 
 impl Ingest {
-    /// `coalesce` is how long a new outbox item waits for more events; `wake` is the
-    /// dispatcher's.
+    /// `coalesce` is how long a new outbox item waits for more events; `wake`, `slots` and
+    /// `direct` are the dispatcher's (see [`super::outbox::Dispatcher`]).
     pub fn new(
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         coalesce: Duration,
         wake: Arc<Notify>,
+        slots: SendSlots,
+        direct: mpsc::UnboundedSender<Claimed>,
     ) -> Self {
         Self {
             store,
             metrics,
             coalesce,
             wake,
+            slots,
+            direct,
         }
     }
 
@@ -46,7 +53,10 @@ impl Ingest {
             None => ("", None),
         };
         let due_at = event.received_at + self.coalesce.as_millis() as i64;
-        let outcome = self.store.ingest(event, due_at).await?;
+        let mut outcome = self
+            .store
+            .ingest(event, due_at, Some(self.slots.clone()))
+            .await?;
         let m = &self.metrics;
         if outcome.duplicate {
             Metrics::add(&m.duplicates, 1);
@@ -67,7 +77,15 @@ impl Ingest {
                 coalesced = outcome.coalesced,
                 "Notification queued."
             );
-            self.wake.notify_one();
+            let pending = outcome.queued as usize > outcome.claimed.len();
+            for claimed in outcome.claimed.drain(..) {
+                // A dispatcher that is gone leaves the item in flight in the store: it is
+                // sent after the restart.
+                let _ = self.direct.send(claimed);
+            }
+            if pending {
+                self.wake.notify_one();
+            }
         }
         Ok(outcome)
     }

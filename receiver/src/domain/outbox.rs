@@ -10,13 +10,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
 
 use super::{jitter_unit, now_millis};
 use crate::config::OutboxConfig;
 use crate::domain::device::shorten_token;
 use crate::mailserver::{MailError, MailServer};
-use crate::store::{Completed, Completion, OutboxItem, Store};
+use crate::store::{Claimed, Completed, Completion, OutboxItem, SendSlots, Store};
 use crate::telemetry::{FailureClass, Metrics};
 use crate::transport::{Outcome, Push, Transports};
 
@@ -143,36 +143,58 @@ pub fn push_for(item: &OutboxItem) -> Push {
 }
 
 /// Drives the outbox until shut down.
+///
+/// Items reach it two ways: ingest hands over the new items it marked in flight itself
+/// (each holding one of `slots`), and the dispatcher claims the others from the store —
+/// pending items (a device's next push while one is in flight, retries, items that found
+/// no free slot) as they fall due. It looks at the store when ingest wakes it, when a
+/// completion frees a slot that due items were waiting for, when the next pending item
+/// falls due, and at least every [`IDLE_POLL`] (to see the CLI's changes).
 pub struct Dispatcher {
     pub store: Arc<dyn Store>,
     pub transports: Transports,
     pub policy: RetryPolicy,
     pub metrics: Arc<Metrics>,
     pub mail: Arc<dyn MailServer>,
-    /// Notified by ingest when new items were queued.
+    /// Notified by ingest when new items were left pending.
     pub wake: Arc<Notify>,
+    /// Send slots (`concurrency` of them), shared with ingest.
+    pub slots: SendSlots,
     pub concurrency: usize,
     pub send_timeout: Duration,
 }
 
 impl Dispatcher {
     /// Runs until `shutdown` turns true, then waits (bounded) for pushes in flight.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// `direct` brings the items ingest marked in flight.
+    pub async fn run(
+        self,
+        mut direct: mpsc::UnboundedReceiver<Claimed>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let this = Arc::new(self);
-        let permits = Arc::new(Semaphore::new(this.concurrency));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Completed>();
         let mut batch: Vec<Completed> = Vec::new();
         let mut stopping = *shutdown.borrow();
         let mut stop_deadline = None;
+        // When to claim from the store next; `starved`: due items may be waiting for slots.
+        let mut claim_at = tokio::time::Instant::now();
+        let mut starved = false;
         loop {
             while let Ok(c) = done_rx.try_recv() {
                 batch.push(c);
             }
             if !batch.is_empty() {
                 this.record(std::mem::take(&mut batch)).await;
+                if starved {
+                    claim_at = tokio::time::Instant::now();
+                }
             }
-            let in_flight = this.concurrency - permits.available_permits();
             if stopping {
+                // Items handed over but not started stay in flight in the store: they are
+                // sent after the restart.
+                while direct.try_recv().is_ok() {}
+                let in_flight = this.concurrency - this.slots.available_permits();
                 let deadline = *stop_deadline
                     .get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_secs(5));
                 if in_flight == 0 || tokio::time::Instant::now() >= deadline {
@@ -190,57 +212,93 @@ impl Dispatcher {
                 }
                 continue;
             }
+            while let Ok(claimed) = direct.try_recv() {
+                this.start(claimed.item, claimed.slot, &done_tx);
+            }
 
-            let free = permits.available_permits();
-            let mut more_due = false;
-            if free > 0 {
-                let limit = free.min(CLAIM_BATCH);
-                match this.store.claim_due(now_millis(), limit).await {
-                    Ok(items) => {
-                        more_due = items.len() == limit;
-                        for item in items {
-                            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                                break;
-                            };
-                            let this = this.clone();
-                            let done_tx = done_tx.clone();
-                            tokio::spawn(async move {
-                                let completed = this.send_one(item).await;
-                                let _ = done_tx.send(completed);
-                                drop(permit);
-                            });
+            if claim_at <= tokio::time::Instant::now() {
+                let claimed = this.claim(&done_tx).await;
+                let now = tokio::time::Instant::now();
+                // After a failed claim, try again in a while.
+                let (more_due, ran_out) = claimed.unwrap_or((false, true));
+                starved = more_due || ran_out;
+                if more_due && this.slots.available_permits() > 0 {
+                    claim_at = now;
+                    continue;
+                }
+                claim_at = now + IDLE_POLL;
+                if !starved {
+                    match this.store.next_due_at().await {
+                        Ok(Some(due)) => {
+                            let wait =
+                                Duration::from_millis((due - now_millis()).clamp(0, 1000) as u64);
+                            claim_at = now + wait;
                         }
-                    }
-                    Err(e) => tracing::error!(error = %e, "Cannot claim outbox items."),
-                }
-            }
-            if more_due && permits.available_permits() > 0 {
-                continue;
-            }
-            let sleep_for = if permits.available_permits() == 0 {
-                IDLE_POLL
-            } else {
-                match this.store.next_due_at().await {
-                    Ok(Some(due)) => {
-                        Duration::from_millis((due - now_millis()).clamp(0, 1000) as u64)
-                    }
-                    Ok(None) => IDLE_POLL,
-                    Err(e) => {
-                        tracing::error!(error = %e, "Cannot read the outbox.");
-                        IDLE_POLL
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(error = %e, "Cannot read the outbox."),
                     }
                 }
-            };
-            if sleep_for.is_zero() && permits.available_permits() > 0 {
-                continue;
+                if claim_at <= now {
+                    continue;
+                }
             }
             tokio::select! {
-                _ = this.wake.notified() => {}
+                _ = this.wake.notified() => claim_at = tokio::time::Instant::now(),
                 Some(c) = done_rx.recv() => batch.push(c),
-                _ = tokio::time::sleep(sleep_for) => {}
+                Some(claimed) = direct.recv() => this.start(claimed.item, claimed.slot, &done_tx),
+                _ = tokio::time::sleep_until(claim_at) => {}
                 _ = shutdown.changed() => stopping = true,
             }
         }
+    }
+
+    /// Claims due items for the free slots and starts them. Returns whether more may be
+    /// due (the claim was full) and whether the slots ran out; `None` if the store failed.
+    async fn claim(
+        self: &Arc<Self>,
+        done: &mpsc::UnboundedSender<Completed>,
+    ) -> Option<(bool, bool)> {
+        // The slots are taken before the claim: ingest, which takes them too, runs in the
+        // store's writer between claims.
+        let free = self.slots.available_permits().min(CLAIM_BATCH);
+        if free == 0 {
+            return Some((false, true));
+        }
+        let Ok(mut slots) = self.slots.clone().try_acquire_many_owned(free as u32) else {
+            return Some((false, true));
+        };
+        match self.store.claim_due(now_millis(), free).await {
+            Ok(items) => {
+                let more_due = items.len() == free;
+                for item in items {
+                    if let Some(slot) = slots.split(1) {
+                        self.start(item, slot, done);
+                    }
+                }
+                drop(slots);
+                Some((more_due, self.slots.available_permits() == 0))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot claim outbox items.");
+                None
+            }
+        }
+    }
+
+    /// Sends `item` in a task of its own, holding `slot` until its outcome is reported.
+    fn start(
+        self: &Arc<Self>,
+        item: OutboxItem,
+        slot: OwnedSemaphorePermit,
+        done: &mpsc::UnboundedSender<Completed>,
+    ) {
+        let this = self.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let completed = this.send_one(item).await;
+            let _ = done.send(completed);
+            drop(slot);
+        });
     }
 
     async fn send_one(&self, item: OutboxItem) -> Completed {

@@ -11,6 +11,7 @@ pub mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use crate::domain::device::{Device, DeviceRegistration};
 use crate::domain::event::{NewMailEvent, PushContent};
@@ -37,8 +38,19 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+/// The dispatcher's free send slots (its `[outbox] concurrency`). Ingest may take one for
+/// a new outbox item and hand the item over at once, instead of leaving it to a claim.
+pub type SendSlots = Arc<tokio::sync::Semaphore>;
+
+/// An outbox item that ingest marked in flight itself, with the send slot it holds.
+#[derive(Debug)]
+pub struct Claimed {
+    pub item: OutboxItem,
+    pub slot: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// What one ingest did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Default)]
 pub struct IngestOutcome {
     /// The event id was seen before; nothing was changed.
     pub duplicate: bool,
@@ -48,6 +60,8 @@ pub struct IngestOutcome {
     pub queued: u32,
     /// Pending outbox items that absorbed the event instead.
     pub coalesced: u32,
+    /// New items (counted in `queued`) already marked in flight, for the dispatcher.
+    pub claimed: Vec<Claimed>,
 }
 
 /// What a registration did.
@@ -140,11 +154,14 @@ pub struct QueueEntry {
 pub trait Store: Send + Sync {
     /// Records the event (de-duplicated by event id) and fans it out to the user's devices:
     /// one new item per device, or absorbed into that device's pending item. New items are
-    /// due at `due_at`.
+    /// due at `due_at`. A new item that is due at once, for a device with no other item,
+    /// is marked in flight and returned in [`IngestOutcome::claimed`] while one of `slots`
+    /// is free (the caller hands it to the dispatcher); the others wait for a claim.
     fn ingest(
         &self,
         event: NewMailEvent,
         due_at: i64,
+        slots: Option<SendSlots>,
     ) -> BoxFuture<'_, Result<IngestOutcome, StoreError>>;
 
     /// Inserts or updates the device `(user, app, token)`.

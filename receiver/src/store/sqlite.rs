@@ -21,8 +21,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    BoxFuture, CompleteOutcome, Completed, Completion, IngestOutcome, OutboxItem, QueueEntry,
-    RegisterOutcome, RemoveOutcome, Store, StoreError, UserStatus,
+    BoxFuture, Claimed, CompleteOutcome, Completed, Completion, IngestOutcome, OutboxItem,
+    QueueEntry, RegisterOutcome, RemoveOutcome, SendSlots, Store, StoreError, UserStatus,
 };
 use crate::domain::device::{wants_folder, Device, DeviceRegistration};
 use crate::domain::event::{NewMailEvent, PushContent};
@@ -78,17 +78,20 @@ CREATE INDEX IF NOT EXISTS outbox_device ON outbox (device_id);
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, due_at);
 "#;
 
-/// The stored `mailboxes` of a device following only INBOX (the default).
-const INBOX_ONLY: &str = r#"["INBOX"]"#;
-
 // Outbox states. SQL text spells them as literals (`state = 0` pending, `state = 1` in
 // flight), never as bound parameters: a parameter compared with `state` makes SQLite
 // re-prepare the statement on every execution (it might match the partial index
 // `outbox_one_pending_per_device`): about half of the ingest statements' time in a profile.
 const STATE_IN_FLIGHT: i64 = 1;
 
-const DEVICE_COLUMNS: &str = "d.id, d.user, d.app, d.transport, d.token, d.mailboxes, d.privacy, \
-     d.created_at, d.last_success_at, d.last_error, d.last_error_at, d.updated_at";
+/// The device columns [`device_from_row`] reads, as a macro so that the statements using
+/// them are literals (no SQL text is built per execution).
+macro_rules! device_columns {
+    () => {
+        "d.id, d.user, d.app, d.transport, d.token, d.mailboxes, d.privacy, d.created_at, \
+         d.last_success_at, d.last_error, d.last_error_at, d.updated_at"
+    };
+}
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -96,6 +99,7 @@ enum Command {
     Ingest {
         event: NewMailEvent,
         due_at: i64,
+        slots: Option<SendSlots>,
         reply: Reply<IngestOutcome>,
     },
     Register {
@@ -531,8 +535,9 @@ fn execute(conn: &Connection, command: Command) -> (bool, i64, Answer) {
         Command::Ingest {
             event,
             due_at,
+            slots,
             reply,
-        } => done(reply, exec_ingest(conn, event, due_at)),
+        } => done(reply, exec_ingest(conn, event, due_at, slots)),
         Command::Register {
             registration,
             now,
@@ -575,6 +580,7 @@ fn exec_ingest(
     conn: &Connection,
     event: NewMailEvent,
     due_at: i64,
+    slots: Option<SendSlots>,
 ) -> Result<(IngestOutcome, i64), StoreError> {
     let inserted = conn
         .prepare_cached(
@@ -593,29 +599,59 @@ fn exec_ingest(
         outcome.duplicate = true;
         return Ok((outcome, 0));
     }
-    let devices: Vec<(i64, String)> = conn
-        .prepare_cached("SELECT id, mailboxes FROM devices WHERE user = ?1")?
-        .query_map([&event.user], |r| Ok((r.get(0)?, r.get(1)?)))?
+    let devices: Vec<Device> = conn
+        .prepare_cached(concat!(
+            "SELECT ",
+            device_columns!(),
+            " FROM devices d WHERE d.user = ?1"
+        ))?
+        .query_map([&event.user], |r| device_from_row(r, 0, 0))?
         .collect::<rusqlite::Result<_>>()?;
-    let folder_is_inbox = event.folder.eq_ignore_ascii_case("INBOX");
     let received_at = event.received_at;
     let content = PushContent::from(event);
+    // Only an item due at once can go straight to the dispatcher.
+    let slots = slots.filter(|_| due_at <= received_at);
     let mut content_json: Option<String> = None;
     let mut delta = 0;
-    for (device_id, mailboxes) in devices {
-        let wanted = if mailboxes == INBOX_ONLY {
-            folder_is_inbox
-        } else {
-            let mailboxes: Vec<String> = serde_json::from_str(&mailboxes)
-                .map_err(|e| StoreError::Corrupt(format!("device {device_id} mailboxes: {e}")))?;
-            wants_folder(&mailboxes, &content.folder)
-        };
-        if !wanted {
+    for device in devices {
+        if !wants_folder(&device.mailboxes, &content.folder) {
             continue;
         }
         outcome.matched_devices += 1;
-        // Common case first: no pending item for the device, so the insert goes through.
+        let device_id = device.id;
         let json: &str = content_json.get_or_insert_with(|| to_json(&content));
+        // Most often the device has no item at all: while the dispatcher has a free slot,
+        // the new item is in flight at once (one write instead of an insert now and a
+        // claim later). A device with an item waits for it: one push at a time per device.
+        if let Some(slot) = slots
+            .as_ref()
+            .and_then(|s| s.clone().try_acquire_owned().ok())
+        {
+            let busy = conn
+                .prepare_cached("SELECT 1 FROM outbox WHERE device_id = ?1 LIMIT 1")?
+                .exists([device_id])?;
+            if !busy {
+                conn.prepare_cached(
+                    "INSERT INTO outbox (device_id, state, content, attempts, created_at, due_at)
+                     VALUES (?1, 1, ?2, 0, ?3, ?4)",
+                )?
+                .execute(params![device_id, json, received_at, due_at])?;
+                outcome.queued += 1;
+                delta += 1;
+                outcome.claimed.push(Claimed {
+                    item: OutboxItem {
+                        id: conn.last_insert_rowid(),
+                        device,
+                        content: content.clone(),
+                        attempts: 0,
+                        created_at: received_at,
+                        due_at,
+                    },
+                    slot,
+                });
+                continue;
+            }
+        }
         let inserted = conn
             .prepare_cached(
                 "INSERT INTO outbox (device_id, state, content, attempts, created_at, due_at)
@@ -730,22 +766,20 @@ fn exec_remove(
 }
 
 /// The claim's selection: due pending items with their devices, oldest due first.
-fn claim_sql() -> String {
-    format!(
-        "SELECT o.id, o.content, o.attempts, o.created_at, o.due_at, {DEVICE_COLUMNS}
-         FROM outbox o JOIN devices d ON d.id = o.device_id
-         WHERE o.state = 0 AND o.due_at <= ?1 ORDER BY o.due_at, o.id LIMIT ?2"
-    )
-}
+const CLAIM_SQL: &str = concat!(
+    "SELECT o.id, o.content, o.attempts, o.created_at, o.due_at, ",
+    device_columns!(),
+    " FROM outbox o JOIN devices d ON d.id = o.device_id
+     WHERE o.state = 0 AND o.due_at <= ?1 ORDER BY o.due_at, o.id LIMIT ?2"
+);
 
 fn exec_claim(
     conn: &Connection,
     now: i64,
     limit: usize,
 ) -> Result<(Vec<OutboxItem>, i64), StoreError> {
-    let sql = claim_sql();
     let rows: Vec<(i64, String, u32, i64, i64, Device)> = conn
-        .prepare_cached(&sql)?
+        .prepare_cached(CLAIM_SQL)?
         .query_map(params![now, limit as i64], |r| {
             Ok((
                 r.get(0)?,
@@ -863,7 +897,7 @@ fn exec_complete(
     Ok((outcome, delta))
 }
 
-/// Reads the device columns (`DEVICE_COLUMNS`) starting at `at`.
+/// Reads the device columns (`device_columns!`) starting at `at`.
 fn device_from_row(r: &Row<'_>, at: usize, pending: u64) -> rusqlite::Result<Device> {
     let bad = |i: usize, what: String| {
         rusqlite::Error::FromSqlConversionFailure(at + i, rusqlite::types::Type::Text, what.into())
@@ -895,11 +929,12 @@ fn device_from_row(r: &Row<'_>, at: usize, pending: u64) -> rusqlite::Result<Dev
 }
 
 fn read_devices(conn: &Connection, user: Option<&str>) -> Result<Vec<Device>, StoreError> {
-    let sql = format!(
-        "SELECT {DEVICE_COLUMNS}, (SELECT count(*) FROM outbox o WHERE o.device_id = d.id)
+    let mut stmt = conn.prepare_cached(concat!(
+        "SELECT ",
+        device_columns!(),
+        ", (SELECT count(*) FROM outbox o WHERE o.device_id = d.id)
          FROM devices d WHERE ?1 IS NULL OR d.user = ?1 ORDER BY d.user, d.created_at, d.id"
-    );
-    let mut stmt = conn.prepare_cached(&sql)?;
+    ))?;
     let devices = stmt
         .query_map([user], |r| {
             let pending: i64 = r.get(12)?;
@@ -914,10 +949,12 @@ impl Store for SqliteStore {
         &self,
         event: NewMailEvent,
         due_at: i64,
+        slots: Option<SendSlots>,
     ) -> BoxFuture<'_, Result<IngestOutcome, StoreError>> {
         self.send(|reply| Command::Ingest {
             event,
             due_at,
+            slots,
             reply,
         })
     }
@@ -1100,12 +1137,11 @@ mod tests {
         let conn = Connection::open(dir.path().join("s.sqlite3")).unwrap();
         configure(&conn, false).unwrap();
         conn.execute_batch(SCHEMA).unwrap();
-        let sql = claim_sql();
         for (now, limit) in [(1_i64, 10_i64), (2, 20), (3, 30)] {
-            let mut stmt = conn.prepare_cached(&sql).unwrap();
+            let mut stmt = conn.prepare_cached(CLAIM_SQL).unwrap();
             stmt.query([now, limit]).unwrap().next().unwrap();
         }
-        let stmt = conn.prepare_cached(&sql).unwrap();
+        let stmt = conn.prepare_cached(CLAIM_SQL).unwrap();
         assert_eq!(
             stmt.get_status(rusqlite::StatementStatus::RePrepare),
             0,
@@ -1146,6 +1182,79 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ingest_hands_a_due_item_over_while_a_slot_is_free() {
+        let (_dir, s) = open();
+        s.register_device(reg("alice", "t1", &["INBOX"]), 1)
+            .await
+            .unwrap();
+        s.register_device(reg("bob", "t2", &["INBOX"]), 1)
+            .await
+            .unwrap();
+        let slots: SendSlots = Arc::new(tokio::sync::Semaphore::new(1));
+
+        let o = s
+            .ingest(event("alice", Some("e1"), 1, 10), 10, Some(slots.clone()))
+            .await
+            .unwrap();
+        assert_eq!((o.queued, o.claimed.len()), (1, 1));
+        let item = &o.claimed[0].item;
+        assert_eq!((item.content.uid, item.device.token.as_str()), (1, "t1"));
+        assert_eq!(slots.available_permits(), 0, "the item holds its slot");
+        assert!(
+            s.claim_due(100, 10).await.unwrap().is_empty(),
+            "it is in flight already"
+        );
+
+        // No slot left: bob's item waits for a claim.
+        let o = s
+            .ingest(event("bob", Some("e2"), 1, 11), 11, Some(slots.clone()))
+            .await
+            .unwrap();
+        assert_eq!((o.queued, o.claimed.len()), (1, 0));
+
+        // alice's device has an item in flight: even with a free slot her next item is
+        // pending (and absorbs later events) until that push is done.
+        let more: SendSlots = Arc::new(tokio::sync::Semaphore::new(1));
+        let o = s
+            .ingest(event("alice", Some("e3"), 2, 12), 12, Some(more.clone()))
+            .await
+            .unwrap();
+        assert_eq!((o.queued, o.claimed.len()), (1, 0));
+        assert_eq!(more.available_permits(), 1);
+        let o = s
+            .ingest(event("alice", Some("e4"), 3, 13), 13, Some(more))
+            .await
+            .unwrap();
+        assert_eq!((o.queued, o.coalesced, o.claimed.len()), (0, 1, 0));
+        assert_eq!(s.outbox_depth(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_claimed_item_gives_its_slot_back_when_dropped_and_waits_when_not_due() {
+        let (_dir, s) = open();
+        s.register_device(reg("alice", "t1", &["INBOX"]), 1)
+            .await
+            .unwrap();
+        let slots: SendSlots = Arc::new(tokio::sync::Semaphore::new(2));
+        let o = s
+            .ingest(event("alice", Some("e1"), 1, 10), 10, Some(slots.clone()))
+            .await
+            .unwrap();
+        assert_eq!(slots.available_permits(), 1);
+        drop(o);
+        assert_eq!(slots.available_permits(), 2);
+        // Due later (a coalescing window): never handed over at ingest.
+        s.register_device(reg("bob", "t2", &["INBOX"]), 1)
+            .await
+            .unwrap();
+        let o = s
+            .ingest(event("bob", Some("e2"), 1, 10), 500, Some(slots.clone()))
+            .await
+            .unwrap();
+        assert_eq!((o.queued, o.claimed.len()), (1, 0));
+    }
+
+    #[tokio::test]
     async fn ingest_fans_out_dedups_and_coalesces() {
         let (_dir, s) = open();
         let r = s
@@ -1171,21 +1280,21 @@ mod tests {
         assert!(!r.created);
 
         let o = s
-            .ingest(event("alice", Some("e1"), 1, 10), 10)
+            .ingest(event("alice", Some("e1"), 1, 10), 10, None)
             .await
             .unwrap();
         assert_eq!((o.matched_devices, o.queued, o.coalesced), (1, 1, 0));
         let o = s
-            .ingest(event("alice", Some("e1"), 1, 11), 11)
+            .ingest(event("alice", Some("e1"), 1, 11), 11, None)
             .await
             .unwrap();
         assert!(o.duplicate);
         let o = s
-            .ingest(event("alice", Some("e2"), 2, 12), 12)
+            .ingest(event("alice", Some("e2"), 2, 12), 12, None)
             .await
             .unwrap();
         assert_eq!((o.queued, o.coalesced), (0, 1));
-        let o = s.ingest(event("bob", None, 1, 12), 12).await.unwrap();
+        let o = s.ingest(event("bob", None, 1, 12), 12, None).await.unwrap();
         assert_eq!(o.matched_devices, 0);
         assert_eq!(s.outbox_depth(), 1);
 
@@ -1199,7 +1308,7 @@ mod tests {
 
         // A new event while the first is in flight makes a second item.
         let o = s
-            .ingest(event("alice", Some("e3"), 3, 13), 13)
+            .ingest(event("alice", Some("e3"), 3, 13), 13, None)
             .await
             .unwrap();
         assert_eq!(o.queued, 1);
@@ -1244,7 +1353,9 @@ mod tests {
         s.register_device(reg("alice", "t1", &["INBOX"]), 1)
             .await
             .unwrap();
-        s.ingest(event("alice", None, 1, 10), 10).await.unwrap();
+        s.ingest(event("alice", None, 1, 10), 10, None)
+            .await
+            .unwrap();
         let items = s.claim_due(10, 10).await.unwrap();
         let out = s
             .complete(vec![Completed {
@@ -1275,11 +1386,11 @@ mod tests {
             s.register_device(reg("alice", "t1", &["INBOX"]), 1)
                 .await
                 .unwrap();
-            s.ingest(event("alice", Some("a"), 1, 10), 10)
+            s.ingest(event("alice", Some("a"), 1, 10), 10, None)
                 .await
                 .unwrap();
             assert_eq!(s.claim_due(10, 10).await.unwrap().len(), 1);
-            s.ingest(event("alice", Some("b"), 2, 11), 11)
+            s.ingest(event("alice", Some("b"), 2, 11), 11, None)
                 .await
                 .unwrap();
         }
@@ -1302,14 +1413,18 @@ mod tests {
         s.register_device(reg("bob", "t1", &["INBOX"]), 1)
             .await
             .unwrap();
-        s.ingest(event("alice", None, 1, 10), 1000).await.unwrap();
+        s.ingest(event("alice", None, 1, 10), 1000, None)
+            .await
+            .unwrap();
         let q = s.queue_list(10).await.unwrap();
         assert_eq!(q.len(), 1);
         assert!(s.queue_retry(q[0].id, 20).await.unwrap());
         assert_eq!(s.next_due_at().await.unwrap(), Some(20));
         assert!(s.queue_drop(q[0].id).await.unwrap());
         assert!(!s.queue_drop(q[0].id).await.unwrap());
-        s.ingest(event("alice", None, 2, 10), 10).await.unwrap();
+        s.ingest(event("alice", None, 2, 10), 10, None)
+            .await
+            .unwrap();
         let r = s.remove_device("alice".into(), "t1".into()).await.unwrap();
         assert_eq!(
             r,
