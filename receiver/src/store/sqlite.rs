@@ -6,14 +6,16 @@
 //! commits once. The commit only writes the write-ahead log (`synchronous = NORMAL`); the
 //! batch's answers go to the sync thread, which `fdatasync`s the log — once for every batch
 //! committed since its last sync — and only then answers. The writer meanwhile runs the
-//! next batch, so statements and disk flushes overlap instead of taking turns. A caller that
+//! next batch, so statements and disk flushes overlap instead of taking turns; it keeps
+//! that transaction open and adds what arrives until the sync is done, so there is about
+//! one commit per sync and each changed page is written once per sync. A caller that
 //! got an answer knows its change is on disk: it survives `kill -9` and power loss.
 //! (SQLite itself syncs the log before each checkpoint and the database after it, so the
 //! file stays consistent; the sync thread adds durability of the newest commits.)
 //! Reads use a second connection (WAL readers never block the writer).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -32,6 +34,9 @@ use crate::transport::{Privacy, TransportKind};
 pub const MAX_BATCH: usize = 1024;
 /// Commands that may wait for the writer before senders wait too.
 const QUEUE_CAPACITY: usize = 16 * 1024;
+/// How long the writer waits at most for the sync thread's wake-up while it gathers
+/// commands into an open transaction (a bound, should a wake-up be missed).
+const SYNC_WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS devices (
@@ -205,14 +210,17 @@ impl SqliteStore {
         let depth = Arc::new(AtomicI64::new(depth));
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let (synced_tx, synced_rx) = std::sync::mpsc::channel();
-        let sync_thread = std::thread::Builder::new()
-            .name("dovepush-store-sync".into())
-            .spawn(move || sync_loop(wal, synced_rx))
-            .map_err(|e| open_err(e.to_string()))?;
+        let syncing = Arc::new(AtomicBool::new(false));
         let thread_depth = depth.clone();
+        let writer_syncing = syncing.clone();
         let writer_thread = std::thread::Builder::new()
             .name("dovepush-store-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx, synced_tx, thread_depth))
+            .spawn(move || writer_loop(writer_conn, rx, synced_tx, thread_depth, writer_syncing))
+            .map_err(|e| open_err(e.to_string()))?;
+        let writer = writer_thread.thread().clone();
+        let sync_thread = std::thread::Builder::new()
+            .name("dovepush-store-sync".into())
+            .spawn(move || sync_loop(wal, synced_rx, syncing, writer))
             .map_err(|e| open_err(e.to_string()))?;
         Ok(SqliteStore {
             path: path.to_owned(),
@@ -400,7 +408,12 @@ struct Committed {
 /// Answers committed batches once the log is on disk: takes every batch the writer has
 /// committed so far, syncs the log once for all of them, answers them in commit order.
 /// Stops when the writer is gone and everything it committed is answered.
-fn sync_loop(wal: std::fs::File, rx: std::sync::mpsc::Receiver<Committed>) {
+fn sync_loop(
+    wal: std::fs::File,
+    rx: std::sync::mpsc::Receiver<Committed>,
+    syncing: Arc<AtomicBool>,
+    writer: std::thread::Thread,
+) {
     let mut group: Vec<Committed> = Vec::new();
     while let Ok(first) = rx.recv() {
         group.push(first);
@@ -422,6 +435,9 @@ fn sync_loop(wal: std::fs::File, rx: std::sync::mpsc::Receiver<Committed>) {
                 a(failure);
             }
         }
+        // The writer commits what it gathered meanwhile (or the next command at once).
+        syncing.store(false, Ordering::Release);
+        writer.unpark();
     }
 }
 
@@ -430,72 +446,124 @@ fn writer_loop(
     mut rx: mpsc::Receiver<Command>,
     synced: std::sync::mpsc::Sender<Committed>,
     depth: Arc<AtomicI64>,
+    syncing: Arc<AtomicBool>,
 ) {
-    let mut batch: Vec<Command> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
-        let mut answers: Vec<Answer> = Vec::with_capacity(batch.capacity());
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(c) => batch.push(c),
-                Err(_) => break,
-            }
-        }
-        let mut delta = 0i64;
-        let begin = run_cached(&conn, "BEGIN IMMEDIATE");
-        let mut failure = begin.err().map(|e| e.to_string());
-        for command in batch.drain(..) {
-            if failure.is_some() {
-                answers.push(fail_command(command));
-                continue;
-            }
-            // Ingests, the hot path, run without a savepoint (its statement journal costs a
-            // page copy per change). They fail only on SQLite errors, which abort the
-            // whole batch: every caller then gets an error and retries.
-            if matches!(command, Command::Ingest { .. }) {
-                let (ok, d, a) = execute(&conn, command);
-                delta += d;
-                answers.push(a);
-                if !ok {
-                    failure = Some("an ingest failed; batch aborted".into());
+        let mut batch = Batch::begin(&conn);
+        batch.run(first);
+        loop {
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => batch.run(c),
+                    Err(_) => break,
                 }
-                continue;
             }
-            if let Err(e) = run_cached(&conn, "SAVEPOINT cmd") {
-                failure = Some(e.to_string());
-                answers.push(fail_command(command));
-                continue;
+            // While the log is being synced, what arrives joins this transaction: the next
+            // sync has to wait for that one anyway, and one commit writes each changed
+            // page once where several commits would write it several times.
+            if batch.failure.is_some()
+                || batch.len() >= MAX_BATCH
+                || !syncing.load(Ordering::Acquire)
+            {
+                break;
             }
-            let (ok, d, a) = execute(&conn, command);
-            let end = if ok {
-                delta += d;
-                run_cached(&conn, "RELEASE cmd")
-            } else {
-                run_cached(&conn, "ROLLBACK TO cmd").and_then(|_| run_cached(&conn, "RELEASE cmd"))
-            };
-            answers.push(a);
-            if let Err(e) = end {
-                failure = Some(e.to_string());
-            }
+            std::thread::park_timeout(SYNC_WAIT_POLL);
         }
-        if failure.is_none() {
-            if let Err(e) = run_cached(&conn, "COMMIT") {
-                failure = Some(e.to_string());
-            }
-        }
-        if let Some(e) = &failure {
-            tracing::error!(error = %e, "Store transaction failed; the batch is rolled back.");
-            let _ = conn.execute_batch("ROLLBACK");
-        } else {
+        let (committed, delta) = batch.commit();
+        if committed.failure.is_none() {
             depth.fetch_add(delta, Ordering::Relaxed);
         }
-        if let Err(std::sync::mpsc::SendError(lost)) = synced.send(Committed { answers, failure }) {
+        syncing.store(true, Ordering::Release);
+        if let Err(std::sync::mpsc::SendError(lost)) = synced.send(committed) {
             // The sync thread is gone (it cannot panic short of a bug): nothing can be
             // promised durable any more.
             for a in lost.answers {
                 a(Some("the store's sync thread stopped"));
             }
         }
+    }
+}
+
+/// One transaction of the writer thread: the commands run in it so far, their answers, and
+/// the error that aborts it, if one did.
+struct Batch<'c> {
+    conn: &'c Connection,
+    answers: Vec<Answer>,
+    delta: i64,
+    failure: Option<String>,
+}
+
+impl<'c> Batch<'c> {
+    fn begin(conn: &'c Connection) -> Batch<'c> {
+        Batch {
+            conn,
+            answers: Vec::with_capacity(64),
+            delta: 0,
+            failure: run_cached(conn, "BEGIN IMMEDIATE")
+                .err()
+                .map(|e| e.to_string()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.answers.len()
+    }
+
+    fn run(&mut self, command: Command) {
+        let conn = self.conn;
+        if self.failure.is_some() {
+            self.answers.push(fail_command(command));
+            return;
+        }
+        // Ingests, the hot path, run without a savepoint (its statement journal costs a
+        // page copy per change). They fail only on SQLite errors, which abort the
+        // whole batch: every caller then gets an error and retries.
+        if matches!(command, Command::Ingest { .. }) {
+            let (ok, d, a) = execute(conn, command);
+            self.delta += d;
+            self.answers.push(a);
+            if !ok {
+                self.failure = Some("an ingest failed; batch aborted".into());
+            }
+            return;
+        }
+        if let Err(e) = run_cached(conn, "SAVEPOINT cmd") {
+            self.failure = Some(e.to_string());
+            self.answers.push(fail_command(command));
+            return;
+        }
+        let (ok, d, a) = execute(conn, command);
+        let end = if ok {
+            self.delta += d;
+            run_cached(conn, "RELEASE cmd")
+        } else {
+            run_cached(conn, "ROLLBACK TO cmd").and_then(|_| run_cached(conn, "RELEASE cmd"))
+        };
+        self.answers.push(a);
+        if let Err(e) = end {
+            self.failure = Some(e.to_string());
+        }
+    }
+
+    /// Commits (or, after a failure, rolls back); returns what the sync thread answers
+    /// and the outbox depth change.
+    fn commit(mut self) -> (Committed, i64) {
+        if self.failure.is_none() {
+            if let Err(e) = run_cached(self.conn, "COMMIT") {
+                self.failure = Some(e.to_string());
+            }
+        }
+        if let Some(e) = &self.failure {
+            tracing::error!(error = %e, "Store transaction failed; the batch is rolled back.");
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        (
+            Committed {
+                answers: self.answers,
+                failure: self.failure,
+            },
+            self.delta,
+        )
     }
 }
 
