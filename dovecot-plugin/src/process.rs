@@ -18,7 +18,9 @@
 //! with `_exit`.
 //!
 //! The two talk over a `SOCK_SEQPACKET` socket pair, one message per frame:
-//! - Dovecot → sender: `J` + a job (JSON), `S` + the flush time in ms (stop);
+//! - Dovecot → sender: `C` + a context (JSON: endpoint, spool, debug; once per context),
+//!   `J` + a job (its context's id and its own fields, NUL-separated), `F` (forget the
+//!   contexts), `S` + the flush time in ms (stop);
 //! - sender → Dovecot: `L` + a level letter + a log line, written to Dovecot's log by
 //!   Dovecot's thread at the next hook or at deinit.
 //!
@@ -27,6 +29,7 @@
 //! instead. When the Dovecot process exits without saying stop (killed), the sender sees
 //! the socket close, gives its in-flight jobs their timeout and spools the rest.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -39,13 +42,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use dovepush_ffi::LogLevel;
 
-use crate::config::{SpoolSettings, DEFAULT_TIMEOUT};
+use crate::config::{Endpoint, SpoolSettings, DEFAULT_TIMEOUT};
 use crate::job::Job;
 use crate::sender::{self, LogLine, LogQueue, Submission};
 use crate::spool::Spool;
 
 /// Largest frame either side reads; jobs are far smaller (bodies are cut to a few KiB).
 const MAX_FRAME: usize = 256 * 1024;
+/// Contexts a Dovecot process defines in its sender before it has it forget them all.
+const MAX_CONTEXTS: usize = 256;
 /// How often the sender passes its log lines back.
 const LOG_INTERVAL: Duration = Duration::from_millis(50);
 /// Beyond the flush time, how long deinit waits for the sender's last lines.
@@ -58,22 +63,109 @@ const SENDER_NICE: libc::c_int = 10;
 /// A frame from the Dovecot process to the sender.
 #[derive(Debug)]
 enum ToSender {
-    Job(Submission),
+    /// What jobs of context `id` share: the endpoint, the spool, `dovepush_debug`.
+    Context {
+        id: u32,
+        context: Context,
+    },
+    Job {
+        context: u32,
+        job: RawJob,
+    },
+    /// Forget every context (the Dovecot process defines new ones from id 0).
+    Forget,
     Stop(Duration),
 }
 
-fn encode_job(submission: &Submission) -> Vec<u8> {
-    let settings = &submission.spool.settings;
+/// The per-endpoint part of a job, sent once per sender process rather than with every
+/// job (parsing the URL and the spool settings again per job was a fifth of the
+/// sender's CPU time).
+#[derive(Debug, Clone)]
+struct Context {
+    endpoint: Arc<Endpoint>,
+    spool: Arc<Spool>,
+    debug: bool,
+}
+
+impl Context {
+    fn of(submission: &Submission) -> Context {
+        Context {
+            endpoint: submission.job.endpoint.clone(),
+            spool: submission.spool.clone(),
+            debug: submission.debug,
+        }
+    }
+
+    /// The same endpoint, spool and debug setting (the same `Arc`s, or equal ones).
+    fn serves(&self, submission: &Submission) -> bool {
+        let endpoint = &submission.job.endpoint;
+        let spool = &submission.spool;
+        self.debug == submission.debug
+            && (Arc::ptr_eq(&self.endpoint, endpoint) || *self.endpoint == **endpoint)
+            && (Arc::ptr_eq(&self.spool, spool) || self.spool.settings == spool.settings)
+    }
+
+    fn submission(&self, job: RawJob) -> Submission {
+        Submission {
+            job: Job {
+                event_id: job.event_id,
+                user: job.user,
+                endpoint: self.endpoint.clone(),
+                body: job.body,
+                created_ms: job.created_ms,
+            },
+            spool: self.spool.clone(),
+            debug: self.debug,
+        }
+    }
+}
+
+/// A job's own fields, as a job frame carries them.
+#[derive(Debug, PartialEq)]
+struct RawJob {
+    created_ms: u64,
+    event_id: String,
+    user: String,
+    body: String,
+}
+
+fn encode_context(id: u32, context: &Context) -> Vec<u8> {
+    let endpoint = &context.endpoint;
+    let spool = &context.spool.settings;
     let json = serde_json::json!({
-        "record": submission.job.to_record(),
-        "debug": submission.debug,
-        "spool_dir": settings.dir.to_string_lossy(),
-        "spool_max_size": settings.max_size,
-        "spool_max_age_ms": settings.max_age.as_millis() as u64,
-        "spool_retry_ms": settings.retry_interval.as_millis() as u64,
+        "id": id,
+        "url": endpoint.url,
+        "max_retries": endpoint.max_retries,
+        "timeout_ms": endpoint.timeout.as_millis() as u64,
+        "debug": context.debug,
+        "spool_dir": spool.dir.to_string_lossy(),
+        "spool_max_size": spool.max_size,
+        "spool_max_age_ms": spool.max_age.as_millis() as u64,
+        "spool_retry_ms": spool.retry_interval.as_millis() as u64,
     });
-    let mut frame = b"J".to_vec();
+    let mut frame = b"C".to_vec();
     frame.extend_from_slice(json.to_string().as_bytes());
+    frame
+}
+
+/// `J` context NUL created_ms NUL event id NUL user NUL body: none of the fields holds a
+/// NUL (a Dovecot user name is a C string; serialized JSON escapes control characters).
+fn encode_job(context: u32, job: &Job) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(48 + job.event_id.len() + job.user.len() + job.body.len());
+    frame.push(b'J');
+    for field in [
+        context.to_string().as_bytes(),
+        b"\0",
+        job.created_ms.to_string().as_bytes(),
+        b"\0",
+        job.event_id.as_bytes(),
+        b"\0",
+        job.user.as_bytes(),
+        b"\0",
+        job.body.as_bytes(),
+    ] {
+        frame.extend_from_slice(field);
+    }
     frame
 }
 
@@ -85,30 +177,60 @@ fn decode_to_sender(frame: &[u8]) -> Result<ToSender, String> {
     let (&kind, rest) = frame.split_first().ok_or("empty frame")?;
     let text = std::str::from_utf8(rest).map_err(|_| "frame is not UTF-8")?;
     match kind {
+        b'F' if text.is_empty() => Ok(ToSender::Forget),
         b'S' => text
             .parse::<u64>()
             .map(|ms| ToSender::Stop(Duration::from_millis(ms)))
             .map_err(|_| format!("bad stop frame {text:?}")),
         b'J' => {
+            let mut fields = text.splitn(5, '\0');
+            let mut next = |name: &str| fields.next().ok_or(format!("job field {name} is missing"));
+            let context = next("context")?;
+            let context = context
+                .parse()
+                .map_err(|_| format!("bad job context {context:?}"))?;
+            let created_ms = next("created_ms")?;
+            let created_ms = created_ms
+                .parse()
+                .map_err(|_| format!("bad job time {created_ms:?}"))?;
+            let job = RawJob {
+                created_ms,
+                event_id: next("event id")?.to_string(),
+                user: next("user")?.to_string(),
+                body: next("body")?.to_string(),
+            };
+            Ok(ToSender::Job { context, job })
+        }
+        b'C' => {
             let v: serde_json::Value =
-                serde_json::from_str(text).map_err(|e| format!("job is not JSON ({e})"))?;
+                serde_json::from_str(text).map_err(|e| format!("context is not JSON ({e})"))?;
             let number = |name: &str| {
                 v[name]
                     .as_u64()
-                    .ok_or_else(|| format!("job field {name} is missing"))
+                    .ok_or_else(|| format!("context field {name} is missing"))
             };
-            let job = Job::from_record(v["record"].as_str().ok_or("job record is missing")?)?;
+            let endpoint = Endpoint::parse(
+                "sender context url",
+                v["url"].as_str().ok_or("context url is missing")?,
+                number("max_retries")? as u32,
+                Duration::from_millis(number("timeout_ms")?),
+                false,
+            )
+            .map_err(|e| e.to_string())?;
             let spool = SpoolSettings {
                 dir: PathBuf::from(v["spool_dir"].as_str().ok_or("spool_dir is missing")?),
                 max_size: number("spool_max_size")?,
                 max_age: Duration::from_millis(number("spool_max_age_ms")?),
                 retry_interval: Duration::from_millis(number("spool_retry_ms")?),
             };
-            Ok(ToSender::Job(Submission {
-                job,
-                spool: Arc::new(Spool::new(spool)),
-                debug: v["debug"].as_bool().unwrap_or(false),
-            }))
+            Ok(ToSender::Context {
+                id: number("id")? as u32,
+                context: Context {
+                    endpoint: Arc::new(endpoint),
+                    spool: Arc::new(Spool::new(spool)),
+                    debug: v["debug"].as_bool().unwrap_or(false),
+                },
+            })
         }
         other => Err(format!("unknown frame kind {other:#x}")),
     }
@@ -238,6 +360,8 @@ pub struct Sender {
     pid: libc::pid_t,
     gone: bool,
     buf: Vec<u8>,
+    /// The contexts the sender process knows, by id (their index).
+    contexts: Vec<Context>,
 }
 
 impl Sender {
@@ -269,8 +393,14 @@ impl Sender {
                 pid,
                 gone: false,
                 buf: vec![0; MAX_FRAME],
+                contexts: Vec::new(),
             }),
         }
+    }
+
+    /// The sender process's pid (for diagnostics and measurements).
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
     }
 
     /// Whether the sender process has been seen gone; the caller starts a new one.
@@ -283,7 +413,26 @@ impl Sender {
         if self.gone {
             return Err(Refused::Gone("it exited earlier".into()));
         }
-        match send_frame(self.socket.as_raw_fd(), &encode_job(submission)) {
+        let context = match self.contexts.iter().position(|c| c.serves(submission)) {
+            Some(id) => id,
+            None => {
+                // Per-user receiver URLs could make these many: start over now and then.
+                if self.contexts.len() >= MAX_CONTEXTS {
+                    self.send(b"F")?;
+                    self.contexts.clear();
+                }
+                let context = Context::of(submission);
+                let id = self.contexts.len();
+                self.send(&encode_context(id as u32, &context))?;
+                self.contexts.push(context);
+                id
+            }
+        };
+        self.send(&encode_job(context as u32, &submission.job))
+    }
+
+    fn send(&mut self, frame: &[u8]) -> Result<(), Refused> {
+        match send_frame(self.socket.as_raw_fd(), frame) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(Refused::Full),
             Err(e) => {
@@ -520,6 +669,7 @@ async fn read_frames(
     logs: LogQueue,
 ) {
     let mut buf = vec![0u8; MAX_FRAME];
+    let mut contexts: HashMap<u32, Context> = HashMap::new();
     // Without a stop frame (the Dovecot process was killed), in-flight jobs get the
     // longest timeout seen.
     let mut flush = DEFAULT_TIMEOUT;
@@ -534,9 +684,23 @@ async fn read_frames(
         drop(guard);
         match read {
             Ok(Some(n)) => match decode_to_sender(&buf[..n]) {
-                Ok(ToSender::Job(submission)) => {
-                    flush = flush.max(submission.job.endpoint.timeout);
-                    if jobs.send(submission).await.is_err() {
+                Ok(ToSender::Context { id, context }) => {
+                    flush = flush.max(context.endpoint.timeout);
+                    contexts.insert(id, context);
+                }
+                Ok(ToSender::Forget) => contexts.clear(),
+                Ok(ToSender::Job { context, job }) => {
+                    let Some(context) = contexts.get(&context) else {
+                        logs.push(
+                            LogLevel::Error,
+                            format!(
+                                "sender process: event {} names unknown context {context}; dropped",
+                                job.event_id
+                            ),
+                        );
+                        continue;
+                    };
+                    if jobs.send(context.submission(job)).await.is_err() {
                         break flush;
                     }
                 }
@@ -574,16 +738,52 @@ mod tests {
     }
 
     #[test]
-    fn job_frames_round_trip() {
+    fn context_and_job_frames_round_trip() {
         let sent = submission();
-        let ToSender::Job(got) = decode_to_sender(&encode_job(&sent)).unwrap() else {
+        let ToSender::Context { id, context } =
+            decode_to_sender(&encode_context(7, &Context::of(&sent))).unwrap()
+        else {
+            panic!("not a context");
+        };
+        assert_eq!(id, 7);
+        assert_eq!(
+            *context.endpoint, *sent.job.endpoint,
+            "credentials included"
+        );
+        assert_eq!(context.spool.settings, sent.spool.settings);
+        assert!(context.debug);
+        assert!(context.serves(&sent), "an equal endpoint and spool");
+
+        let ToSender::Job { context: n, job } =
+            decode_to_sender(&encode_job(7, &sent.job)).unwrap()
+        else {
             panic!("not a job");
         };
+        assert_eq!(n, 7);
+        let got = context.submission(job);
         assert_eq!(got.job.event_id, sent.job.event_id);
+        assert_eq!(got.job.user, sent.job.user);
         assert_eq!(got.job.body, sent.job.body);
-        assert_eq!(got.job.endpoint.url, sent.job.endpoint.url);
-        assert_eq!(got.spool.settings, sent.spool.settings);
-        assert!(got.debug);
+        assert_eq!(got.job.created_ms, sent.job.created_ms);
+        assert!(matches!(decode_to_sender(b"F"), Ok(ToSender::Forget)));
+    }
+
+    #[test]
+    fn a_context_serves_only_the_same_endpoint_spool_and_debug() {
+        let sent = submission();
+        let context = Context::of(&sent);
+        let mut other = submission();
+        other.debug = false;
+        assert!(!context.serves(&other));
+        let mut other = submission();
+        other.job = test_job("ev-2", "http://u:other@127.0.0.1:9/notify");
+        assert!(
+            !context.serves(&other),
+            "another password is another endpoint"
+        );
+        let mut other = submission();
+        other.job = test_job("ev-3", "http://u:p@127.0.0.1:9/notify");
+        assert!(context.serves(&other), "another event, same endpoint");
     }
 
     #[test]
@@ -606,6 +806,15 @@ mod tests {
         assert!(decode_to_sender(b"").is_err());
         assert!(decode_to_sender(b"Sx").is_err());
         assert!(decode_to_sender(b"J{}").is_err());
+        assert!(
+            decode_to_sender(b"Jx\x000\x00id\x00u\x00{}").is_err(),
+            "bad context id"
+        );
+        assert!(
+            decode_to_sender(b"J1\x000\x00id").is_err(),
+            "fields missing"
+        );
+        assert!(decode_to_sender(b"C{}").is_err());
         assert!(decode_to_sender(b"Q").is_err());
         assert_eq!(decode_log(b"J{}"), None);
     }
@@ -621,9 +830,13 @@ mod tests {
         // Nothing listens on port 9 (discard): the job fails and is spooled at stop.
         let mut sender = Sender::start(16).unwrap();
         sender.submit(&sub).unwrap();
+        let mut second = sub.clone();
+        second.job = test_job("ev-2", "http://u:p@127.0.0.1:9/notify");
+        sender.submit(&second).unwrap();
+        assert_eq!(sender.contexts.len(), 1, "one endpoint, one context");
         let lines = sender.shutdown(Duration::from_millis(300));
         let spooled = std::fs::read_dir(spool_dir.path()).unwrap().count();
-        assert_eq!(spooled, 1, "log: {lines:?}");
+        assert_eq!(spooled, 2, "log: {lines:?}");
         assert!(
             lines.iter().any(|l| l.text.contains("spooled")),
             "log: {lines:?}"

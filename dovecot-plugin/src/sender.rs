@@ -234,7 +234,8 @@ struct Worker {
     clients: Clients,
     logs: LogQueue,
     limit: Semaphore,
-    pending: Mutex<HashMap<u64, Submission>>,
+    /// Jobs accepted and not finished, for the spool at stop (shared with their tasks).
+    pending: Mutex<HashMap<u64, Arc<Submission>>>,
     next_key: AtomicU64,
     spools: Mutex<HashMap<PathBuf, Arc<SpoolState>>>,
 }
@@ -260,6 +261,7 @@ impl Worker {
     fn accept(self: &Arc<Self>, submission: Submission) {
         let state = self.spool_state(&submission.spool);
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let submission = Arc::new(submission);
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -303,7 +305,12 @@ impl Worker {
         }
     }
 
-    async fn deliver(self: Arc<Self>, key: u64, submission: Submission, state: Arc<SpoolState>) {
+    async fn deliver(
+        self: Arc<Self>,
+        key: u64,
+        submission: Arc<Submission>,
+        state: Arc<SpoolState>,
+    ) {
         let Ok(_permit) = self.limit.acquire().await else {
             return;
         };
@@ -503,7 +510,7 @@ impl Worker {
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let unsent: Vec<Submission> = self
+        let unsent: Vec<Arc<Submission>> = self
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
