@@ -51,8 +51,8 @@ use crate::spool::Spool;
 const MAX_FRAME: usize = 256 * 1024;
 /// Contexts a Dovecot process defines in its sender before it has it forget them all.
 const MAX_CONTEXTS: usize = 256;
-/// How often the sender passes its log lines back.
-const LOG_INTERVAL: Duration = Duration::from_millis(50);
+/// When the socket is full, how soon the sender tries again to pass its log lines back.
+const LOG_RETRY: Duration = Duration::from_millis(50);
 /// Beyond the flush time, how long deinit waits for the sender's last lines.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 const PROCESS_NAME: &[u8] = b"dovepush-send\0";
@@ -625,8 +625,11 @@ fn serve(socket: OwnedFd, queue_size: usize) {
             let writer_logs = logs.clone();
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(LOG_INTERVAL).await;
-                    pass_logs(raw, &writer_logs);
+                    writer_logs.added().await;
+                    // A full socket (Dovecot busy): try again a little later.
+                    while !pass_logs(raw, &writer_logs) {
+                        tokio::time::sleep(LOG_RETRY).await;
+                    }
                 }
             });
             if let Err(e) = sender::run(jobs_rx, stop_rx, logs.clone()).await {
@@ -645,20 +648,22 @@ fn serve(socket: OwnedFd, queue_size: usize) {
     pass_logs(raw, &logs);
 }
 
-/// Send the queued log lines back; what does not fit now waits for the next round.
-fn pass_logs(fd: RawFd, logs: &LogQueue) {
+/// Send the queued log lines back. Returns false when the socket was full: the rest
+/// waits for the next round.
+fn pass_logs(fd: RawFd, logs: &LogQueue) -> bool {
     let lines = logs.take();
     for (i, line) in lines.iter().enumerate() {
         match send_frame(fd, &encode_log(line)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 logs.put_back(lines[i..].to_vec());
-                return;
+                return false;
             }
             // The Dovecot process is gone: nobody to tell.
-            Err(_) => return,
+            Err(_) => return true,
         }
     }
+    true
 }
 
 /// Read frames until stop or the end of the socket, then tell the worker to stop.
@@ -817,6 +822,29 @@ mod tests {
         assert!(decode_to_sender(b"C{}").is_err());
         assert!(decode_to_sender(b"Q").is_err());
         assert_eq!(decode_log(b"J{}"), None);
+    }
+
+    /// Times the process `pid` has gone to sleep so far.
+    fn sleeps(pid: libc::pid_t) -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    }
+
+    #[test]
+    fn an_idle_sender_process_does_not_wake_up() {
+        let sender = Sender::start(16).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let before = sleeps(sender.pid());
+        std::thread::sleep(Duration::from_secs(1));
+        let woke = sleeps(sender.pid()) - before;
+        // (It used to poll its log queue every 50 ms: 20 wake-ups a second, in every
+        // lmtp process's sender.)
+        assert!(woke <= 2, "{woke} wake-ups in a second of idleness");
+        sender.shutdown(Duration::from_millis(100));
     }
 
     #[test]

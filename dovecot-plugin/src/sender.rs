@@ -49,27 +49,42 @@ pub struct LogLine {
 
 /// Log lines made in the sender process, waiting to be passed to Dovecot's thread.
 #[derive(Debug, Clone, Default)]
-pub struct LogQueue(Arc<Mutex<Vec<LogLine>>>);
+pub struct LogQueue(Arc<LogQueueInner>);
+
+#[derive(Debug, Default)]
+pub struct LogQueueInner {
+    lines: Mutex<Vec<LogLine>>,
+    /// Wakes whoever passes the lines on (nothing polls an idle queue).
+    added: tokio::sync::Notify,
+}
 
 impl LogQueue {
     pub fn push(&self, level: Level, text: String) {
-        let mut lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        // Bounded: a flood of identical failures must not grow memory without end.
-        if lines.len() < 10_000 {
-            lines.push(LogLine { level, text });
+        {
+            let mut lines = self.0.lines.lock().unwrap_or_else(|e| e.into_inner());
+            // Bounded: a flood of identical failures must not grow memory without end.
+            if lines.len() < 10_000 {
+                lines.push(LogLine { level, text });
+            }
         }
+        self.0.added.notify_one();
     }
 
     pub fn take(&self) -> Vec<LogLine> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.0.lines.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Return lines that could not be passed on yet, ahead of newer ones.
     pub fn put_back(&self, mut older: Vec<LogLine>) {
-        let mut lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lines = self.0.lines.lock().unwrap_or_else(|e| e.into_inner());
         older.append(&mut lines);
         older.truncate(10_000);
         *lines = older;
+    }
+
+    /// Resolves once lines were pushed since the last call.
+    pub async fn added(&self) {
+        self.0.added.notified().await;
     }
 }
 
@@ -238,6 +253,8 @@ struct Worker {
     pending: Mutex<HashMap<u64, Arc<Submission>>>,
     next_key: AtomicU64,
     spools: Mutex<HashMap<PathBuf, Arc<SpoolState>>>,
+    /// Wakes the run loop when events were spooled (it replays only while some wait).
+    spooled: tokio::sync::Notify,
 }
 
 impl Worker {
@@ -281,6 +298,7 @@ impl Worker {
         match submission.spool.store(job) {
             Ok(_) => {
                 state.maybe_waiting.store(true, Ordering::Relaxed);
+                self.spooled.notify_one();
                 self.log(
                     Level::Warning,
                     format!(
@@ -458,6 +476,15 @@ impl Worker {
         state.draining.store(false, Ordering::Release);
     }
 
+    /// Whether some spool may hold events (or is being replayed).
+    fn spool_waiting(&self) -> bool {
+        self.spools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|s| s.maybe_waiting.load(Ordering::Relaxed) || s.draining.load(Ordering::Acquire))
+    }
+
     fn replay_due(self: &Arc<Self>) {
         let states: Vec<Arc<SpoolState>> = self
             .spools
@@ -487,13 +514,16 @@ impl Worker {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let flush = loop {
+            // An idle sender sleeps: it looks at its spools only while events wait there.
+            let waiting = self.spool_waiting();
             tokio::select! {
                 job = jobs.recv() => match job {
                     Some(job) => self.accept(job),
                     None => break Duration::ZERO,
                 },
                 flush = &mut stop => break flush.unwrap_or(Duration::ZERO),
-                _ = tick.tick() => self.replay_due(),
+                _ = tick.tick(), if waiting => self.replay_due(),
+                _ = self.spooled.notified(), if !waiting => {}
             }
         };
         jobs.close();
@@ -548,6 +578,7 @@ pub async fn run(
         pending: Mutex::new(HashMap::new()),
         next_key: AtomicU64::new(0),
         spools: Mutex::new(HashMap::new()),
+        spooled: tokio::sync::Notify::new(),
     });
     worker.run(jobs, stop).await;
     Ok(())
