@@ -24,6 +24,8 @@ use crate::transport::{Outcome, Push, Transports};
 pub const CLAIM_BATCH: usize = 256;
 /// Longest the dispatcher sleeps without looking at the store (picks up CLI retries).
 pub const IDLE_POLL: Duration = Duration::from_secs(1);
+/// After a claim that found nothing, the least wait before the next one (ms).
+const CLAIM_RETRY_MS: i64 = 50;
 /// Overall bound on one transport call.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -220,7 +222,7 @@ impl Dispatcher {
                 let claimed = this.claim(&done_tx).await;
                 let now = tokio::time::Instant::now();
                 // After a failed claim, try again in a while.
-                let (more_due, ran_out) = claimed.unwrap_or((false, true));
+                let (started, more_due, ran_out) = claimed.unwrap_or((0, false, true));
                 starved = more_due || ran_out;
                 if more_due && this.slots.available_permits() > 0 {
                     claim_at = now;
@@ -230,9 +232,14 @@ impl Dispatcher {
                 if !starved {
                     match this.store.next_due_at().await {
                         Ok(Some(due)) => {
-                            let wait =
-                                Duration::from_millis((due - now_millis()).clamp(0, 1000) as u64);
-                            claim_at = now + wait;
+                            // A claim that found nothing due does not repeat at once even
+                            // if an item seems due (one without its device would otherwise
+                            // keep this loop spinning); ingest wakes it for new items.
+                            let wait = match due - now_millis() {
+                                w if w <= 0 && started == 0 => CLAIM_RETRY_MS,
+                                w => w.clamp(0, 1000),
+                            };
+                            claim_at = now + Duration::from_millis(wait as u64);
                         }
                         Ok(None) => {}
                         Err(e) => tracing::error!(error = %e, "Cannot read the outbox."),
@@ -252,31 +259,32 @@ impl Dispatcher {
         }
     }
 
-    /// Claims due items for the free slots and starts them. Returns whether more may be
-    /// due (the claim was full) and whether the slots ran out; `None` if the store failed.
+    /// Claims due items for the free slots and starts them. Returns how many it started,
+    /// whether more may be due (the claim was full) and whether the slots ran out; `None`
+    /// if the store failed.
     async fn claim(
         self: &Arc<Self>,
         done: &mpsc::UnboundedSender<Completed>,
-    ) -> Option<(bool, bool)> {
+    ) -> Option<(usize, bool, bool)> {
         // The slots are taken before the claim: ingest, which takes them too, runs in the
         // store's writer between claims.
         let free = self.slots.available_permits().min(CLAIM_BATCH);
         if free == 0 {
-            return Some((false, true));
+            return Some((0, false, true));
         }
         let Ok(mut slots) = self.slots.clone().try_acquire_many_owned(free as u32) else {
-            return Some((false, true));
+            return Some((0, false, true));
         };
         match self.store.claim_due(now_millis(), free).await {
             Ok(items) => {
-                let more_due = items.len() == free;
+                let (started, more_due) = (items.len(), items.len() == free);
                 for item in items {
                     if let Some(slot) = slots.split(1) {
                         self.start(item, slot, done);
                     }
                 }
                 drop(slots);
-                Some((more_due, self.slots.available_permits() == 0))
+                Some((started, more_due, self.slots.available_permits() == 0))
             }
             Err(e) => {
                 tracing::error!(error = %e, "Cannot claim outbox items.");
