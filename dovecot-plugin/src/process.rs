@@ -24,10 +24,11 @@
 //! - sender → Dovecot: `L` + a level letter + a log line, written to Dovecot's log by
 //!   Dovecot's thread at the next hook or at deinit.
 //!
-//! Handing a job over is one non-blocking `send`; when the socket and the sender's queue
-//! (`dovepush_queue_size`) are full, or the sender is gone, the caller spools the job
-//! instead. When the Dovecot process exits without saying stop (killed), the sender sees
-//! the socket close, gives its in-flight jobs their timeout and spools the rest.
+//! Handing a job over is one non-blocking `send` (two for the first job of a context);
+//! when the socket and the sender's queue (`dovepush_queue_size`) are full, or the
+//! sender is gone, the caller spools the job instead. When the Dovecot process exits
+//! without saying stop (killed), the sender sees the socket close, gives its in-flight
+//! jobs their timeout and spools the rest. An idle sender sleeps: nothing in it polls.
 
 use std::collections::HashMap;
 use std::io;
@@ -837,13 +838,13 @@ mod tests {
     #[test]
     fn an_idle_sender_process_does_not_wake_up() {
         let sender = Sender::start(16).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(500));
         let before = sleeps(sender.pid());
         std::thread::sleep(Duration::from_secs(1));
         let woke = sleeps(sender.pid()) - before;
         // (It used to poll its log queue every 50 ms: 20 wake-ups a second, in every
         // lmtp process's sender.)
-        assert!(woke <= 2, "{woke} wake-ups in a second of idleness");
+        assert!(woke <= 3, "{woke} wake-ups in a second of idleness");
         sender.shutdown(Duration::from_millis(100));
     }
 
