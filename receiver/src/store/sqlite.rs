@@ -37,6 +37,9 @@ const QUEUE_CAPACITY: usize = 16 * 1024;
 /// How long the writer waits at most for the sync thread's wake-up while it gathers
 /// commands into an open transaction (a bound, should a wake-up be missed).
 const SYNC_WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(2);
+/// How long the writer keeps a transaction open at most waiting for a sync to end (a slow
+/// disk then gets several commits per sync, as a writer that does not wait would).
+const SYNC_HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(20);
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS devices (
@@ -451,6 +454,7 @@ fn writer_loop(
     while let Some(first) = rx.blocking_recv() {
         let mut batch = Batch::begin(&conn);
         batch.run(first);
+        let hold_until = std::time::Instant::now() + SYNC_HOLD_MAX;
         loop {
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -464,6 +468,7 @@ fn writer_loop(
             if batch.failure.is_some()
                 || batch.len() >= MAX_BATCH
                 || !syncing.load(Ordering::Acquire)
+                || std::time::Instant::now() >= hold_until
             {
                 break;
             }
