@@ -849,6 +849,39 @@ mod tests {
     }
 
     #[test]
+    fn a_sender_replays_what_others_spooled_once_per_retry_interval() {
+        let sink = dovepush_testkit::sink::Sink::start();
+        let spool_dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::new(SpoolSettings {
+            dir: spool_dir.path().to_path_buf(),
+            max_size: 1 << 20,
+            max_age: Duration::from_secs(60),
+            retry_interval: Duration::from_millis(400),
+        }));
+        let submission = |id: &str| Submission {
+            job: test_job(id, &sink.url(Some("u:p"))),
+            spool: spool.clone(),
+            debug: false,
+        };
+        let mut sender = Sender::start(16).unwrap();
+        sender.submit(&submission("ev-sent")).unwrap();
+        assert_eq!(sink.wait_for(1, Duration::from_secs(5)).len(), 1);
+        // The Dovecot process spools a job itself (its sender's queue was full), with
+        // nothing else going on in the sender.
+        spool
+            .store(&submission("ev-spooled-by-dovecot").job)
+            .unwrap();
+        let got = sink.wait_for(2, Duration::from_secs(5));
+        assert!(
+            got.iter()
+                .any(|r| r.event_id() == Some("ev-spooled-by-dovecot")),
+            "not replayed: {:?}",
+            got.iter().map(|r| r.event_id()).collect::<Vec<_>>()
+        );
+        sender.shutdown(Duration::from_millis(200));
+    }
+
+    #[test]
     fn a_sender_process_sends_and_stops() {
         let spool_dir = tempfile::tempdir().unwrap();
         let mut sub = submission();

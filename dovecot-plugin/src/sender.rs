@@ -390,6 +390,9 @@ impl Worker {
             return;
         }
         *state.last_replay.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        // Cleared before the files are listed: an event spooled meanwhile sets it again,
+        // so this round's result cannot hide it.
+        state.maybe_waiting.store(false, Ordering::Relaxed);
         let spool = &state.spool;
         match spool.enforce_limits() {
             Ok(dropped) if dropped.too_old + dropped.over_size > 0 => self.log(
@@ -472,7 +475,9 @@ impl Worker {
                 ),
             );
         }
-        state.maybe_waiting.store(left > 0, Ordering::Relaxed);
+        if left > 0 {
+            state.maybe_waiting.store(true, Ordering::Relaxed);
+        }
         state.draining.store(false, Ordering::Release);
     }
 
@@ -485,6 +490,19 @@ impl Worker {
             .any(|s| s.maybe_waiting.load(Ordering::Relaxed) || s.draining.load(Ordering::Acquire))
     }
 
+    /// When the next periodic replay of a known spool is due.
+    fn next_round(&self) -> Option<Instant> {
+        self.spools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|s| {
+                *s.last_replay.lock().unwrap_or_else(|e| e.into_inner())
+                    + s.spool.settings.retry_interval
+            })
+            .min()
+    }
+
     fn replay_due(self: &Arc<Self>) {
         let states: Vec<Arc<SpoolState>> = self
             .spools
@@ -494,13 +512,12 @@ impl Worker {
             .cloned()
             .collect();
         for state in states {
-            let due = state
-                .last_replay
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .elapsed()
-                >= state.spool.settings.retry_interval;
+            let mut last = state.last_replay.lock().unwrap_or_else(|e| e.into_inner());
+            let due = last.elapsed() >= state.spool.settings.retry_interval;
             if due && !state.draining.load(Ordering::Acquire) {
+                // Now, not when the task runs: the run loop's next round moves on at once.
+                *last = Instant::now();
+                drop(last);
                 tokio::spawn(self.clone().replay(state, None));
             }
         }
@@ -514,8 +531,15 @@ impl Worker {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let flush = loop {
-            // An idle sender sleeps: it looks at its spools only while events wait there.
+            // While its own events wait in a spool, the sender looks every second whether a
+            // replay is due; otherwise only once per retry interval of the spools it knows
+            // (others spool there too: the Dovecot process when this queue is full, other
+            // processes at exit). A sender that knows no spool never wakes on its own.
             let waiting = self.spool_waiting();
+            let next_round = self.next_round();
+            let round = tokio::time::sleep_until(tokio::time::Instant::from_std(
+                next_round.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
+            ));
             tokio::select! {
                 job = jobs.recv() => match job {
                     Some(job) => self.accept(job),
@@ -523,6 +547,7 @@ impl Worker {
                 },
                 flush = &mut stop => break flush.unwrap_or(Duration::ZERO),
                 _ = tick.tick(), if waiting => self.replay_due(),
+                _ = round, if !waiting && next_round.is_some() => self.replay_due(),
                 _ = self.spooled.notified(), if !waiting => {}
             }
         };
