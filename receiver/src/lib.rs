@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::sync::atomic::AtomicBool;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -52,7 +53,7 @@ use domain::outbox::{Dispatcher, RetryPolicy, SEND_TIMEOUT};
 use domain::registry::Registry;
 use mailserver::{ImapMailServer, MailError, MailServer};
 use store::sqlite::SqliteStore;
-use store::{SendSlots, Store, StoreError};
+use store::{HandOver, SendSlots, Store, StoreError};
 use telemetry::Metrics;
 use transport::Transports;
 
@@ -96,6 +97,12 @@ pub async fn run_with(
     let wake = Arc::new(Notify::new());
     let slots: SendSlots = Arc::new(Semaphore::new(config.outbox.concurrency));
     let (direct_tx, direct_rx) = mpsc::unbounded_channel();
+    let backlog = Arc::new(AtomicBool::new(false));
+    let hand_over = HandOver {
+        slots: slots.clone(),
+        to: direct_tx,
+        backlog: backlog.clone(),
+    };
     if transports.is_empty() {
         tracing::warn!("No push transports configured: pushes stay queued until their deadline.");
     }
@@ -127,8 +134,7 @@ pub async fn run_with(
             metrics.clone(),
             config.outbox.coalesce,
             wake.clone(),
-            slots.clone(),
-            direct_tx,
+            hand_over,
         ),
         registry: Registry::new(
             store.clone(),
@@ -148,6 +154,7 @@ pub async fn run_with(
         mail,
         wake,
         slots,
+        backlog,
         concurrency: config.outbox.concurrency,
         send_timeout: SEND_TIMEOUT,
     };

@@ -1,14 +1,14 @@
-//! Accepting a new-mail event: one durable commit of the event and its outbox items, then
-//! counting it and handing the items the store marked in flight to the dispatcher (or
-//! waking it to claim the others).
+//! Accepting a new-mail event: one durable commit of the event and its outbox items (the
+//! store hands those it marks in flight to the dispatcher), then counting it and waking
+//! the dispatcher to claim the others.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use super::event::NewMailEvent;
-use crate::store::{Claimed, IngestOutcome, SendSlots, Store, StoreError};
+use crate::store::{HandOver, IngestOutcome, Store, StoreError};
 use crate::telemetry::Metrics;
 
 /// The ingest service.
@@ -17,28 +17,25 @@ pub struct Ingest {
     metrics: Arc<Metrics>,
     coalesce: Duration,
     wake: Arc<Notify>,
-    slots: SendSlots,
-    direct: mpsc::UnboundedSender<Claimed>,
+    hand_over: HandOver,
 }
 
 impl Ingest {
-    /// `coalesce` is how long a new outbox item waits for more events; `wake`, `slots` and
-    /// `direct` are the dispatcher's (see [`super::outbox::Dispatcher`]).
+    /// `coalesce` is how long a new outbox item waits for more events; `wake` and
+    /// `hand_over` are the dispatcher's (see [`super::outbox::Dispatcher`]).
     pub fn new(
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         coalesce: Duration,
         wake: Arc<Notify>,
-        slots: SendSlots,
-        direct: mpsc::UnboundedSender<Claimed>,
+        hand_over: HandOver,
     ) -> Self {
         Self {
             store,
             metrics,
             coalesce,
             wake,
-            slots,
-            direct,
+            hand_over,
         }
     }
 
@@ -53,9 +50,9 @@ impl Ingest {
             None => ("", None),
         };
         let due_at = event.received_at + self.coalesce.as_millis() as i64;
-        let mut outcome = self
+        let outcome = self
             .store
-            .ingest(event, due_at, Some(self.slots.clone()))
+            .ingest(event, due_at, Some(self.hand_over.clone()))
             .await?;
         let m = &self.metrics;
         if outcome.duplicate {
@@ -77,13 +74,8 @@ impl Ingest {
                 coalesced = outcome.coalesced,
                 "Notification queued."
             );
-            let pending = outcome.queued as usize > outcome.claimed.len();
-            for claimed in outcome.claimed.drain(..) {
-                // A dispatcher that is gone leaves the item in flight in the store: it is
-                // sent after the restart.
-                let _ = self.direct.send(claimed);
-            }
-            if pending {
+            // The store handed the items it marked in flight to the dispatcher itself.
+            if outcome.queued > outcome.handed_over {
                 self.wake.notify_one();
             }
         }

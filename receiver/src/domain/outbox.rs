@@ -7,6 +7,7 @@
 //! Coalescing happens at ingest (a pending item absorbs newer events), so one push
 //! carries the newest content and unseen count.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -162,6 +163,9 @@ pub struct Dispatcher {
     pub wake: Arc<Notify>,
     /// Send slots (`concurrency` of them), shared with ingest.
     pub slots: SendSlots,
+    /// Set while due items wait in the store for slots; ingest then leaves new items
+    /// pending too (see [`crate::store::HandOver`]).
+    pub backlog: Arc<AtomicBool>,
     pub concurrency: usize,
     pub send_timeout: Duration,
 }
@@ -187,9 +191,22 @@ impl Dispatcher {
                 batch.push(c);
             }
             if !batch.is_empty() {
+                // A retry due soon is claimed then, not at the next poll.
+                let retry = batch
+                    .iter()
+                    .filter_map(|c| match c.completion {
+                        Completion::Retry { due_at, .. } => Some(due_at),
+                        _ => None,
+                    })
+                    .min();
                 this.record(std::mem::take(&mut batch)).await;
+                let now = tokio::time::Instant::now();
                 if starved {
-                    claim_at = tokio::time::Instant::now();
+                    claim_at = now;
+                }
+                if let Some(due) = retry {
+                    let wait = Duration::from_millis((due - now_millis()).max(0) as u64);
+                    claim_at = claim_at.min(now + wait);
                 }
             }
             if stopping {
@@ -210,6 +227,9 @@ impl Dispatcher {
                 }
                 tokio::select! {
                     Some(c) = done_rx.recv() => batch.push(c),
+                    // Handed over too late to start: its slot is freed, the item stays in
+                    // flight in the store for the restart.
+                    Some(_) = direct.recv() => {}
                     _ = tokio::time::sleep_until(deadline) => {}
                 }
                 continue;
@@ -224,6 +244,7 @@ impl Dispatcher {
                 // After a failed claim, try again in a while.
                 let (started, more_due, ran_out) = claimed.unwrap_or((0, false, true));
                 starved = more_due || ran_out;
+                this.backlog.store(more_due, Ordering::Relaxed);
                 if more_due && this.slots.available_permits() > 0 {
                     claim_at = now;
                     continue;
@@ -260,8 +281,8 @@ impl Dispatcher {
     }
 
     /// Claims due items for the free slots and starts them. Returns how many it started,
-    /// whether more may be due (the claim was full) and whether the slots ran out; `None`
-    /// if the store failed.
+    /// whether more may be due (the claim was full, or there was no slot and items are
+    /// due) and whether the slots ran out; `None` if the store failed.
     async fn claim(
         self: &Arc<Self>,
         done: &mpsc::UnboundedSender<Completed>,
@@ -269,11 +290,17 @@ impl Dispatcher {
         // The slots are taken before the claim: ingest, which takes them too, runs in the
         // store's writer between claims.
         let free = self.slots.available_permits().min(CLAIM_BATCH);
-        if free == 0 {
-            return Some((0, false, true));
-        }
-        let Ok(mut slots) = self.slots.clone().try_acquire_many_owned(free as u32) else {
-            return Some((0, false, true));
+        let slots = match free {
+            0 => None,
+            n => self.slots.clone().try_acquire_many_owned(n as u32).ok(),
+        };
+        let Some(mut slots) = slots else {
+            // No slot: are due items waiting for one?
+            let waiting = match self.store.next_due_at().await {
+                Ok(due) => due.is_some_and(|due| due <= now_millis()),
+                Err(_) => false,
+            };
+            return Some((0, waiting, true));
         };
         match self.store.claim_due(now_millis(), free).await {
             Ok(items) => {

@@ -49,8 +49,19 @@ pub struct Claimed {
     pub slot: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// Where ingest hands over the items it marks in flight: the dispatcher's send slots and
+/// its channel. The store sends them there once they are committed, not the caller.
+#[derive(Debug, Clone)]
+pub struct HandOver {
+    pub slots: SendSlots,
+    pub to: tokio::sync::mpsc::UnboundedSender<Claimed>,
+    /// Set by the dispatcher while due items wait in the store for a slot: ingest then
+    /// leaves new items pending too, so that freed slots go to the oldest first.
+    pub backlog: Arc<std::sync::atomic::AtomicBool>,
+}
+
 /// What one ingest did.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct IngestOutcome {
     /// The event id was seen before; nothing was changed.
     pub duplicate: bool,
@@ -60,8 +71,8 @@ pub struct IngestOutcome {
     pub queued: u32,
     /// Pending outbox items that absorbed the event instead.
     pub coalesced: u32,
-    /// New items (counted in `queued`) already marked in flight, for the dispatcher.
-    pub claimed: Vec<Claimed>,
+    /// New items (counted in `queued`) marked in flight and handed to the dispatcher.
+    pub handed_over: u32,
 }
 
 /// What a registration did.
@@ -155,13 +166,13 @@ pub trait Store: Send + Sync {
     /// Records the event (de-duplicated by event id) and fans it out to the user's devices:
     /// one new item per device, or absorbed into that device's pending item. New items are
     /// due at `due_at`. A new item that is due at once, for a device with no other item,
-    /// is marked in flight and returned in [`IngestOutcome::claimed`] while one of `slots`
-    /// is free (the caller hands it to the dispatcher); the others wait for a claim.
+    /// is marked in flight and sent to `hand_over` once committed, while one of its slots
+    /// is free and it reports no backlog; the others wait for a claim.
     fn ingest(
         &self,
         event: NewMailEvent,
         due_at: i64,
-        slots: Option<SendSlots>,
+        hand_over: Option<HandOver>,
     ) -> BoxFuture<'_, Result<IngestOutcome, StoreError>>;
 
     /// Inserts or updates the device `(user, app, token)`.

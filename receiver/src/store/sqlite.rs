@@ -23,8 +23,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    BoxFuture, Claimed, CompleteOutcome, Completed, Completion, IngestOutcome, OutboxItem,
-    QueueEntry, RegisterOutcome, RemoveOutcome, SendSlots, Store, StoreError, UserStatus,
+    BoxFuture, Claimed, CompleteOutcome, Completed, Completion, HandOver, IngestOutcome,
+    OutboxItem, QueueEntry, RegisterOutcome, RemoveOutcome, Store, StoreError, UserStatus,
 };
 use crate::domain::device::{wants_folder, Device, DeviceRegistration};
 use crate::domain::event::{NewMailEvent, PushContent};
@@ -107,7 +107,7 @@ enum Command {
     Ingest {
         event: NewMailEvent,
         due_at: i64,
-        slots: Option<SendSlots>,
+        hand_over: Option<HandOver>,
         reply: Reply<IngestOutcome>,
     },
     Register {
@@ -382,15 +382,54 @@ fn to_json(c: &PushContent) -> String {
 }
 
 /// A finished command, answered once the batch's commit is known.
-type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
+type Answer = Box<dyn FnOnce(Fate<'_>) + Send>;
+
+/// What became of a finished command's transaction.
+#[derive(Debug, Clone, Copy)]
+enum Fate<'a> {
+    /// Committed and on disk.
+    Durable,
+    /// Committed, but the sync of the log failed: it may not survive a power loss.
+    NotSynced(&'a str),
+    /// Rolled back (or never committed).
+    RolledBack(&'a str),
+}
+
+impl Fate<'_> {
+    fn result<T>(self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        match self {
+            Fate::Durable => result,
+            Fate::NotSynced(e) | Fate::RolledBack(e) => {
+                Err(StoreError::Database(format!("commit failed: {e}")))
+            }
+        }
+    }
+}
 
 fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Answer {
-    Box::new(move |commit_error| {
-        let result = match commit_error {
-            None => result,
-            Some(e) => Err(StoreError::Database(format!("commit failed: {e}"))),
-        };
-        let _ = reply.send(result);
+    Box::new(move |fate| {
+        let _ = reply.send(fate.result(result));
+    })
+}
+
+/// An ingest's answer: the items it marked in flight go to the dispatcher once they are
+/// committed, whatever becomes of the caller (a request given up, a failed sync: the
+/// client's retry is then a duplicate, and only this hand-over sends them).
+fn ingest_answer(
+    reply: Reply<IngestOutcome>,
+    outcome: IngestOutcome,
+    claimed: Vec<Claimed>,
+    hand_over: Option<HandOver>,
+) -> Answer {
+    Box::new(move |fate| {
+        if let (false, Some(hand_over)) = (matches!(fate, Fate::RolledBack(_)), hand_over) {
+            for claimed in claimed {
+                // A dispatcher that is gone leaves the item in flight: it is sent after
+                // the restart.
+                let _ = hand_over.to.send(claimed);
+            }
+        }
+        let _ = reply.send(fate.result(Ok(outcome)));
     })
 }
 
@@ -433,9 +472,13 @@ fn sync_loop(
             tracing::error!(error = %e, "Store commits may not be on disk; callers will retry.");
         }
         for committed in group.drain(..) {
-            let failure = committed.failure.as_deref().or(sync_error.as_deref());
+            let fate = match (&committed.failure, &sync_error) {
+                (Some(e), _) => Fate::RolledBack(e),
+                (None, Some(e)) => Fate::NotSynced(e),
+                (None, None) => Fate::Durable,
+            };
             for a in committed.answers {
-                a(failure);
+                a(fate);
             }
         }
         // The writer commits what it gathered meanwhile (or the next command at once).
@@ -483,7 +526,7 @@ fn writer_loop(
             // The sync thread is gone (it cannot panic short of a bug): nothing can be
             // promised durable any more.
             for a in lost.answers {
-                a(Some("the store's sync thread stopped"));
+                a(Fate::NotSynced("the store's sync thread stopped"));
             }
         }
     }
@@ -608,9 +651,16 @@ fn execute(conn: &Connection, command: Command) -> (bool, i64, Answer) {
         Command::Ingest {
             event,
             due_at,
-            slots,
+            hand_over,
             reply,
-        } => done(reply, exec_ingest(conn, event, due_at, slots)),
+        } => match exec_ingest(conn, event, due_at, hand_over.as_ref()) {
+            Ok((outcome, delta, claimed)) => (
+                true,
+                delta,
+                ingest_answer(reply, outcome, claimed, hand_over),
+            ),
+            Err(e) => (false, 0, answer(reply, Err(e))),
+        },
         Command::Register {
             registration,
             now,
@@ -653,8 +703,8 @@ fn exec_ingest(
     conn: &Connection,
     event: NewMailEvent,
     due_at: i64,
-    slots: Option<SendSlots>,
-) -> Result<(IngestOutcome, i64), StoreError> {
+    hand_over: Option<&HandOver>,
+) -> Result<(IngestOutcome, i64, Vec<Claimed>), StoreError> {
     let inserted = conn
         .prepare_cached(
             "INSERT INTO events (event_id, user, folder, uid, received_at)
@@ -668,9 +718,10 @@ fn exec_ingest(
             event.received_at
         ])?;
     let mut outcome = IngestOutcome::default();
+    let mut claimed = Vec::new();
     if inserted == 0 {
         outcome.duplicate = true;
-        return Ok((outcome, 0));
+        return Ok((outcome, 0, claimed));
     }
     let devices: Vec<Device> = conn
         .prepare_cached(concat!(
@@ -682,8 +733,11 @@ fn exec_ingest(
         .collect::<rusqlite::Result<_>>()?;
     let received_at = event.received_at;
     let content = PushContent::from(event);
-    // Only an item due at once can go straight to the dispatcher.
-    let slots = slots.filter(|_| due_at <= received_at);
+    // Only an item due at once can go straight to the dispatcher, and only while no due
+    // item waits there for a slot (new ones then queue behind it, in due order).
+    let slots = hand_over
+        .filter(|h| due_at <= received_at && !h.backlog.load(Ordering::Relaxed))
+        .map(|h| &h.slots);
     let mut content_json: Option<String> = None;
     let mut delta = 0;
     for device in devices {
@@ -695,11 +749,9 @@ fn exec_ingest(
         let json: &str = content_json.get_or_insert_with(|| to_json(&content));
         // Most often the device has no item at all: while the dispatcher has a free slot,
         // the new item is in flight at once (one write instead of an insert now and a
-        // claim later). A device with an item waits for it: one push at a time per device.
-        if let Some(slot) = slots
-            .as_ref()
-            .and_then(|s| s.clone().try_acquire_owned().ok())
-        {
+        // claim later). A device with an item gets the next one pending (where later
+        // events fold into it) and claimed.
+        if let Some(slot) = slots.and_then(|s| Arc::clone(s).try_acquire_owned().ok()) {
             let busy = conn
                 .prepare_cached("SELECT 1 FROM outbox WHERE device_id = ?1 LIMIT 1")?
                 .exists([device_id])?;
@@ -710,8 +762,9 @@ fn exec_ingest(
                 )?
                 .execute(params![device_id, json, received_at, due_at])?;
                 outcome.queued += 1;
+                outcome.handed_over += 1;
                 delta += 1;
-                outcome.claimed.push(Claimed {
+                claimed.push(Claimed {
                     item: OutboxItem {
                         id: conn.last_insert_rowid(),
                         device,
@@ -759,7 +812,7 @@ fn exec_ingest(
             }
         }
     }
-    Ok((outcome, delta))
+    Ok((outcome, delta, claimed))
 }
 
 fn count_devices(conn: &Connection, user: &str) -> rusqlite::Result<u64> {
@@ -1022,12 +1075,12 @@ impl Store for SqliteStore {
         &self,
         event: NewMailEvent,
         due_at: i64,
-        slots: Option<SendSlots>,
+        hand_over: Option<HandOver>,
     ) -> BoxFuture<'_, Result<IngestOutcome, StoreError>> {
         self.send(|reply| Command::Ingest {
             event,
             due_at,
-            slots,
+            hand_over,
             reply,
         })
     }
@@ -1254,6 +1307,17 @@ mod tests {
         (dir, store)
     }
 
+    /// A hand-over with `slots` send slots, and the dispatcher's end of it.
+    fn hand_over(slots: usize) -> (HandOver, mpsc::UnboundedReceiver<Claimed>) {
+        let (to, from) = mpsc::unbounded_channel();
+        let hand_over = HandOver {
+            slots: Arc::new(tokio::sync::Semaphore::new(slots)),
+            to,
+            backlog: Arc::new(AtomicBool::new(false)),
+        };
+        (hand_over, from)
+    }
+
     #[tokio::test]
     async fn ingest_hands_a_due_item_over_while_a_slot_is_free() {
         let (_dir, s) = open();
@@ -1263,16 +1327,19 @@ mod tests {
         s.register_device(reg("bob", "t2", &["INBOX"]), 1)
             .await
             .unwrap();
-        let slots: SendSlots = Arc::new(tokio::sync::Semaphore::new(1));
+        let (h, mut dispatcher) = hand_over(1);
 
         let o = s
-            .ingest(event("alice", Some("e1"), 1, 10), 10, Some(slots.clone()))
+            .ingest(event("alice", Some("e1"), 1, 10), 10, Some(h.clone()))
             .await
             .unwrap();
-        assert_eq!((o.queued, o.claimed.len()), (1, 1));
-        let item = &o.claimed[0].item;
-        assert_eq!((item.content.uid, item.device.token.as_str()), (1, "t1"));
-        assert_eq!(slots.available_permits(), 0, "the item holds its slot");
+        assert_eq!((o.queued, o.handed_over), (1, 1));
+        let first = dispatcher.try_recv().expect("handed over once committed");
+        assert_eq!(
+            (first.item.content.uid, first.item.device.token.as_str()),
+            (1, "t1")
+        );
+        assert_eq!(h.slots.available_permits(), 0, "the item holds its slot");
         assert!(
             s.claim_due(100, 10).await.unwrap().is_empty(),
             "it is in flight already"
@@ -1280,51 +1347,76 @@ mod tests {
 
         // No slot left: bob's item waits for a claim.
         let o = s
-            .ingest(event("bob", Some("e2"), 1, 11), 11, Some(slots.clone()))
+            .ingest(event("bob", Some("e2"), 1, 11), 11, Some(h.clone()))
             .await
             .unwrap();
-        assert_eq!((o.queued, o.claimed.len()), (1, 0));
+        assert_eq!((o.queued, o.handed_over), (1, 0));
 
         // alice's device has an item in flight: even with a free slot her next item is
         // pending (and absorbs later events) until that push is done.
-        let more: SendSlots = Arc::new(tokio::sync::Semaphore::new(1));
+        let (more, _more_dispatcher) = hand_over(1);
         let o = s
             .ingest(event("alice", Some("e3"), 2, 12), 12, Some(more.clone()))
             .await
             .unwrap();
-        assert_eq!((o.queued, o.claimed.len()), (1, 0));
-        assert_eq!(more.available_permits(), 1);
+        assert_eq!((o.queued, o.handed_over), (1, 0));
+        assert_eq!(more.slots.available_permits(), 1);
         let o = s
             .ingest(event("alice", Some("e4"), 3, 13), 13, Some(more))
             .await
             .unwrap();
-        assert_eq!((o.queued, o.coalesced, o.claimed.len()), (0, 1, 0));
+        assert_eq!((o.queued, o.coalesced, o.handed_over), (0, 1, 0));
         assert_eq!(s.outbox_depth(), 3);
+        drop(first);
+        assert_eq!(
+            h.slots.available_permits(),
+            1,
+            "the slot comes back with the item"
+        );
     }
 
     #[tokio::test]
-    async fn a_claimed_item_gives_its_slot_back_when_dropped_and_waits_when_not_due() {
+    async fn no_hand_over_when_not_due_or_while_due_items_wait() {
+        let (_dir, s) = open();
+        for (user, token) in [("alice", "t1"), ("bob", "t2")] {
+            s.register_device(reg(user, token, &["INBOX"]), 1)
+                .await
+                .unwrap();
+        }
+        let (h, mut dispatcher) = hand_over(2);
+        // Due later (a coalescing window).
+        let o = s
+            .ingest(event("alice", Some("e1"), 1, 10), 500, Some(h.clone()))
+            .await
+            .unwrap();
+        assert_eq!((o.queued, o.handed_over), (1, 0));
+        // The dispatcher reports due items waiting for slots.
+        h.backlog.store(true, Ordering::Relaxed);
+        let o = s
+            .ingest(event("bob", Some("e2"), 1, 10), 10, Some(h.clone()))
+            .await
+            .unwrap();
+        assert_eq!((o.queued, o.handed_over), (1, 0));
+        assert!(dispatcher.try_recv().is_err());
+        assert_eq!(h.slots.available_permits(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_given_up_still_hands_its_item_over() {
         let (_dir, s) = open();
         s.register_device(reg("alice", "t1", &["INBOX"]), 1)
             .await
             .unwrap();
-        let slots: SendSlots = Arc::new(tokio::sync::Semaphore::new(2));
-        let o = s
-            .ingest(event("alice", Some("e1"), 1, 10), 10, Some(slots.clone()))
+        let (h, mut dispatcher) = hand_over(1);
+        // The caller drops the ingest before it is answered (a request the client gave
+        // up on): the committed item still reaches the dispatcher.
+        let ingest = s.ingest(event("alice", Some("e1"), 1, 10), 10, Some(h.clone()));
+        let _ = tokio::time::timeout(std::time::Duration::ZERO, ingest).await;
+        let claimed = tokio::time::timeout(std::time::Duration::from_secs(5), dispatcher.recv())
             .await
+            .expect("handed over")
             .unwrap();
-        assert_eq!(slots.available_permits(), 1);
-        drop(o);
-        assert_eq!(slots.available_permits(), 2);
-        // Due later (a coalescing window): never handed over at ingest.
-        s.register_device(reg("bob", "t2", &["INBOX"]), 1)
-            .await
-            .unwrap();
-        let o = s
-            .ingest(event("bob", Some("e2"), 1, 10), 500, Some(slots.clone()))
-            .await
-            .unwrap();
-        assert_eq!((o.queued, o.claimed.len()), (1, 0));
+        assert_eq!(claimed.item.content.event_id.as_deref(), Some("e1"));
     }
 
     #[tokio::test]
