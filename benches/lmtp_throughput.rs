@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use dovepush_testkit::dovecot::{built_plugin, Dovecot, Options};
 use dovepush_testkit::messages;
+use dovepush_testkit::procfs;
 use dovepush_testkit::sink::Sink;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -43,31 +44,11 @@ struct Run {
 /// CPU time (user + system, in clock ticks) used so far by the live processes named
 /// `comm`, as /proc/<pid>/stat counts it.
 fn process_ticks(comm: &str) -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    let mut total = 0;
-    for entry in dir.flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ... utime(14) stime(15)
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        if &stat[open + 1..close] != comm {
-            continue;
-        }
-        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        let get = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        total += get(11) + get(12);
-    }
-    total
+    procfs::all()
+        .iter()
+        .filter(|p| p.comm == comm)
+        .map(|p| p.cpu_ticks())
+        .sum()
 }
 
 /// Machine-wide CPU counters from /proc/stat: (busy, idle + iowait), in clock ticks.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::{dovecot_with_dovepush, WAIT};
 use dovepush_testkit::messages;
+use dovepush_testkit::procfs;
 use dovepush_testkit::sink::Sink;
 
 #[test]
@@ -62,9 +63,10 @@ fn lmtp_delivery_to_a_subscribed_user_notifies() {
     // The lmtp process (still alive: it serves the open connection) has its sender.
     // (Tests run in parallel: other instances' senders may be there too, or outlive
     // their lmtp for a moment.)
-    let senders: Vec<(ProcStat, ProcStat)> = sender_processes()
+    let senders: Vec<(procfs::Stat, procfs::Stat)> = procfs::all()
         .into_iter()
-        .filter_map(|sender| Some((proc_stat(sender.ppid)?, sender)))
+        .filter(|p| p.comm == "dovepush-send")
+        .filter_map(|sender| Some((procfs::stat(sender.ppid()?)?, sender)))
         .filter(|(parent, _)| parent.comm == "lmtp")
         .collect();
     assert!(
@@ -72,51 +74,22 @@ fn lmtp_delivery_to_a_subscribed_user_notifies() {
         "no dovepush-send process under an lmtp"
     );
     for (parent, sender) in senders {
-        assert_eq!(sender.nice, 10, "the sender yields the CPU to deliveries");
-        assert_eq!(sender.pgrp, sender.pid, "a process group of its own");
         assert_eq!(
-            sender.session, parent.session,
+            sender.nice(),
+            Some(10),
+            "the sender yields the CPU to deliveries"
+        );
+        assert_eq!(
+            sender.pgrp(),
+            Some(sender.pid),
+            "a process group of its own"
+        );
+        assert_eq!(
+            sender.session(),
+            parent.session(),
             "in lmtp's session, so that its nice value counts against lmtp's"
         );
     }
-}
-
-/// The fields of /proc/PID/stat this file checks.
-struct ProcStat {
-    pid: u32,
-    comm: String,
-    ppid: u32,
-    pgrp: u32,
-    session: u32,
-    nice: i64,
-}
-
-fn proc_stat(pid: u32) -> Option<ProcStat> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
-    // After "(comm) ": state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt
-    // cmajflt utime stime cutime cstime priority nice ...
-    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-    let field = |i: usize| fields.get(i)?.parse().ok();
-    Some(ProcStat {
-        pid,
-        comm: stat[open + 1..close].to_string(),
-        ppid: field(1)? as u32,
-        pgrp: field(2)? as u32,
-        session: field(3)? as u32,
-        nice: field(16)?,
-    })
-}
-
-fn sender_processes() -> Vec<ProcStat> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(proc_stat)
-        .filter(|p| p.comm == "dovepush-send")
-        .collect()
 }
 
 #[test]

@@ -19,23 +19,8 @@ use dovepush_plugin::job::{now_ms, Job};
 use dovepush_plugin::process::{Refused, Sender};
 use dovepush_plugin::sender::Submission;
 use dovepush_plugin::spool::Spool;
+use dovepush_testkit::procfs::cpu_time;
 use dovepush_testkit::sink::Sink;
-
-/// CPU time (user + system) process `pid` has used so far.
-fn cpu_time(pid: i32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    // After "(comm) ": state is field 3, utime 14, stime 15.
-    let ticks: u64 = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse::<u64>().ok())
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Duration::from_secs_f64(ticks as f64 / per_second)
-}
 
 fn main() {
     let args: Vec<usize> = std::env::args()
@@ -89,7 +74,7 @@ fn main() {
     };
 
     let mut sender = Sender::start(10_000).expect("fork the sender process");
-    let pid = sender.pid();
+    let pid = sender.pid() as u32;
     let mut logs = Vec::new();
     let submit = |sender: &mut Sender, i: usize| loop {
         match sender.submit(&submission(i)) {

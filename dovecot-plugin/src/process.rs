@@ -827,12 +827,7 @@ mod tests {
 
     /// Times the process `pid` has gone to sleep so far.
     fn sleeps(pid: libc::pid_t) -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap()
+        dovepush_testkit::procfs::status_field(pid as u32, "voluntary_ctxt_switches").unwrap()
     }
 
     #[test]

@@ -30,6 +30,7 @@ use dovepush_receiver::store::sqlite::SqliteStore;
 use dovepush_receiver::transport::{
     Outcome, Push, SendFuture, Transport, TransportKind, Transports,
 };
+use dovepush_testkit::procfs;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
@@ -152,32 +153,8 @@ fn stop_child(mut child: Child) {
 
 /// Resident and peak resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// CPU time (user + system) a process has used so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Duration::from_secs_f64(fields.iter().sum::<u64>() as f64 / ticks)
+    let field = |name| procfs::status_field(pid, name).unwrap_or(0);
+    (field("VmRSS"), field("VmHWM"))
 }
 
 struct LoadResult {
@@ -211,9 +188,9 @@ fn measure(
     users: usize,
     run: &str,
 ) -> LoadResult {
-    let before = cpu_time(pid);
+    let before = procfs::cpu_time(pid);
     let mut result = rt.block_on(load(addr, s, users, run));
-    result.server_cpu = cpu_time(pid).saturating_sub(before);
+    result.server_cpu = procfs::cpu_time(pid).saturating_sub(before);
     result
 }
 

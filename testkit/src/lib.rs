@@ -5,11 +5,13 @@
 //! - [`lmtp`]: a minimal LMTP client for deliveries, timing each reply;
 //! - [`sink`]: an HTTP/1.1 receiver that records notifications and answers with a
 //!   chosen status after a chosen delay;
-//! - [`messages`]: sample mails, well-formed and malformed.
+//! - [`messages`]: sample mails, well-formed and malformed;
+//! - [`procfs`]: what `/proc` says about a process (name, parents, nice, CPU time).
 
 pub mod dovecot;
 pub mod lmtp;
 pub mod messages;
+pub mod procfs;
 pub mod sink;
 
 use std::net::TcpListener;
