@@ -394,18 +394,16 @@ pub fn parse_interval(value: &str) -> Result<Duration, String> {
 /// A plain number of milliseconds (as the ox driver's `timeout_msecs`); `ms`/`s` units
 /// are accepted too.
 pub fn parse_msecs(value: &str) -> Result<Duration, String> {
-    if let Ok(n) = value.trim().parse::<u64>() {
-        return Ok(Duration::from_millis(n));
+    let timeout = match value.trim().parse::<u64>() {
+        Ok(n) => Duration::from_millis(n),
+        Err(_) => parse_interval(value)
+            .map_err(|_| format!("{value:?} is not a number of milliseconds"))?,
+    };
+    // Every attempt would time out at once and every event end in the spool.
+    if timeout.is_zero() {
+        return Err("a timeout of 0 is not allowed".into());
     }
-    parse_interval(value)
-        .map_err(|_| format!("{value:?} is not a number of milliseconds"))
-        .and_then(|d| {
-            if d.is_zero() {
-                Err("a timeout of 0 is not allowed".into())
-            } else {
-                Ok(d)
-            }
-        })
+    Ok(timeout)
 }
 
 pub fn parse_u32(value: &str) -> Result<u32, String> {
@@ -552,6 +550,14 @@ mod tests {
             "the url option is missing"
         );
         assert!(parse_ox_line("dovepush", "dlog:").is_err());
+        for zero in ["0", "0ms", "0s"] {
+            assert!(
+                parse_msecs(zero).unwrap_err().contains("0 is not allowed"),
+                "{zero}"
+            );
+        }
+        let e = parse_ox_line("dovepush2", "ox:url=http://h/ timeout_msecs=0").unwrap_err();
+        assert!(e.problem.contains("timeout_msecs"));
         let e = parse_ox_line("dovepush2", "ox:url=http://h/ timeout_msecs=abc").unwrap_err();
         assert_eq!(e.key, "dovepush2");
         assert!(e.problem.contains("timeout_msecs"));
