@@ -237,7 +237,8 @@ impl Plugin for Dovepush {
             configs: HashMap::new(),
             subscriptions: SubscriptionCache::default(),
             ids: EventIds::new(),
-            flush: config::DEFAULT_TIMEOUT,
+            // Raised to the longest timeout of the endpoints jobs went to.
+            flush: Duration::ZERO,
         }
     }
 

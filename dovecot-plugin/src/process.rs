@@ -861,6 +861,11 @@ mod tests {
         let mut sender = Sender::start(16).unwrap();
         sender.submit(&submission("ev-sent")).unwrap();
         assert_eq!(sink.wait_for(1, Duration::from_secs(5)).len(), 1);
+        // Anyone may add files to the spool: a record for a URL this sender was never
+        // configured for (here: other credentials) is not sent.
+        let forged = spool
+            .store(&test_job("ev-forged", &sink.url(Some("someone:else"))))
+            .unwrap();
         // The Dovecot process spools a job itself (its sender's queue was full), with
         // nothing else going on in the sender.
         spool
@@ -873,7 +878,20 @@ mod tests {
             "not replayed: {:?}",
             got.iter().map(|r| r.event_id()).collect::<Vec<_>>()
         );
-        sender.shutdown(Duration::from_millis(200));
+        let lines = sender.shutdown(Duration::from_millis(200));
+        assert!(
+            sink.requests()
+                .iter()
+                .all(|r| r.event_id() != Some("ev-forged")),
+            "a record for an endpoint not configured was sent"
+        );
+        assert!(forged.exists(), "it stays until the spool's age limit");
+        assert!(
+            lines.iter().any(|l| l
+                .text
+                .contains("endpoints this process is not configured for")),
+            "log: {lines:?}"
+        );
     }
 
     #[test]

@@ -255,6 +255,10 @@ struct Worker {
     spools: Mutex<HashMap<PathBuf, Arc<SpoolState>>>,
     /// Wakes the run loop when events were spooled (it replays only while some wait).
     spooled: tokio::sync::Notify,
+    /// The endpoints (full URLs) this process was given jobs for. The spool directory is
+    /// writable by every uid: a record for any other URL (a local user's forgery, or an
+    /// endpoint since reconfigured) is never sent by this process.
+    endpoints: Mutex<HashSet<String>>,
 }
 
 impl Worker {
@@ -276,6 +280,12 @@ impl Worker {
     }
 
     fn accept(self: &Arc<Self>, submission: Submission) {
+        {
+            let mut endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+            if !endpoints.contains(&submission.job.endpoint.url) {
+                endpoints.insert(submission.job.endpoint.url.clone());
+            }
+        }
         let state = self.spool_state(&submission.spool);
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let submission = Arc::new(submission);
@@ -414,7 +424,7 @@ impl Worker {
         }
         let entries = spool.entries().unwrap_or_default();
         let mut failing: HashSet<String> = HashSet::new();
-        let (mut sent, mut left) = (0usize, 0usize);
+        let (mut sent, mut left, mut foreign) = (0usize, 0usize, 0usize);
         for path in entries {
             let job = match Spool::load(&path) {
                 Ok(job) => job,
@@ -440,6 +450,11 @@ impl Worker {
                     continue;
                 }
             };
+            if !self.configured(&job.endpoint.url) {
+                // Not waited for either: it stays until the spool's age limit.
+                foreign += 1;
+                continue;
+            }
             let url = &job.endpoint.display_url;
             if endpoint.as_ref().is_some_and(|e| e != url) || failing.contains(url) {
                 left += 1;
@@ -475,6 +490,15 @@ impl Worker {
                 ),
             );
         }
+        if foreign > 0 {
+            self.log(
+                Level::Warning,
+                format!(
+                    "spool {}: {foreign} events for endpoints this process is not configured for were left there",
+                    spool.dir().display()
+                ),
+            );
+        }
         if left > 0 {
             state.maybe_waiting.store(true, Ordering::Relaxed);
         }
@@ -501,6 +525,29 @@ impl Worker {
                     + s.spool.settings.retry_interval
             })
             .min()
+    }
+
+    fn configured(&self, url: &str) -> bool {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(url)
+    }
+
+    fn sending(&self) -> bool {
+        !self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    fn replaying(&self) -> bool {
+        self.spools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|state| state.draining.load(Ordering::Acquire))
     }
 
     fn replay_due(self: &Arc<Self>) {
@@ -555,14 +602,11 @@ impl Worker {
         while let Ok(job) = jobs.try_recv() {
             self.accept(job);
         }
+        // Jobs in flight and replays under way (a short-lived process such as
+        // dovecot-lda would otherwise drain one spooled file per run) get the flush time;
+        // a replay cut short leaves its unsent files in the spool.
         let deadline = Instant::now() + flush;
-        while Instant::now() < deadline
-            && !self
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty()
-        {
+        while Instant::now() < deadline && (self.sending() || self.replaying()) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let unsent: Vec<Arc<Submission>> = self
@@ -604,6 +648,7 @@ pub async fn run(
         next_key: AtomicU64::new(0),
         spools: Mutex::new(HashMap::new()),
         spooled: tokio::sync::Notify::new(),
+        endpoints: Mutex::new(HashSet::new()),
     });
     worker.run(jobs, stop).await;
     Ok(())

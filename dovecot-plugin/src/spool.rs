@@ -6,7 +6,9 @@
 //! effective uid to each mail user around deliveries and `dovecot-lda` runs as the mail
 //! user: whichever uid the sender runs as must be able to add files. Each file is mode
 //! 0600 (it holds the endpoint's credentials); a file another uid wrote and this process
-//! cannot read is left for a process that can.
+//! cannot read is left for a process that can. Anyone can add files here: the sender
+//! replays only records whose endpoint URL (credentials included) is one its own
+//! configuration gave it jobs for. The Debian package creates the default directory.
 //!
 //! The spool is bounded by total size and by age; [`Spool::enforce_limits`] drops the
 //! oldest files beyond either bound and reports how many.
