@@ -128,6 +128,39 @@ fn transports(config: &Config) -> Result<Transports, ExitCode> {
     })
 }
 
+/// The files the config names and only `serve` reads (the server's certificate and key,
+/// the CA for the IMAP connection): read now, so that a bad one is a config error named
+/// with its key and file (exit 64), in `check-config` and before `serve` says it listens.
+fn check_files(config: &Config) -> Result<(), ExitCode> {
+    let mut problems = Vec::new();
+    if let Some(files) = &config.server.tls {
+        if let Err(e) = crate::server_tls(files) {
+            // Its message starts with the file it could not use.
+            let cert = files.cert.display().to_string();
+            let key = match e.to_string().contains(&cert) {
+                true => "server.tls_cert",
+                false => "server.tls_key",
+            };
+            problems.push((key, e.to_string()));
+        }
+    }
+    if let Err(e) = crate::mailserver::ImapMailServer::new(&config.dovecot) {
+        let key = match config.dovecot.ca_file {
+            Some(_) if !e.to_string().contains("bad address") => "dovecot.ca_file",
+            _ => "dovecot.imap",
+        };
+        problems.push((key, e.to_string()));
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    eprintln!("Invalid configuration:");
+    for (key, problem) in problems {
+        eprintln!("{}: `{key}`: {problem}", config.source.display());
+    }
+    Err(ExitCode::from(EXIT_CONFIG))
+}
+
 fn open_store(config: &Config) -> Result<SqliteStore, ExitCode> {
     SqliteStore::open_existing(&config.store.path).map_err(|e| {
         eprintln!("{e}");
@@ -148,6 +181,7 @@ async fn run_command(command: Command) -> Result<(), ExitCode> {
         Command::CheckConfig { config } => {
             let c = load(&config)?;
             transports(&c)?;
+            check_files(&c)?;
             println!("{}: OK", c.source.display());
             Ok(())
         }
@@ -174,6 +208,7 @@ async fn run_command(command: Command) -> Result<(), ExitCode> {
 
 async fn serve(config: Config) -> Result<(), ExitCode> {
     let transports = transports(&config)?;
+    check_files(&config)?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| {

@@ -74,6 +74,36 @@ colour = "red"
 }
 
 #[test]
+fn unreadable_tls_and_ca_files_are_config_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("not-a-certificate.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
+    let path = dir.path().join("receiver.toml");
+    let config = config_text(dir.path(), "").replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!(
+            "listen = \"127.0.0.1:0\"\ntls_cert = \"{0}\"\ntls_key = \"{0}\"",
+            not_pem.display()
+        ),
+    )
+        + "[dovecot]\nimap = \"127.0.0.1:143\"\ntls = \"implicit\"\nca_file = \"missing-ca.pem\"\n";
+    std::fs::write(&path, config).unwrap();
+    for command in ["check-config", "serve"] {
+        let out = cli(&[command, "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(64), "{command}");
+        let err = text(&out.stderr);
+        for key in ["server.tls_cert", "dovecot.ca_file"] {
+            assert!(
+                err.contains(&format!("{}: `{key}`", path.display())),
+                "{command}: {key} missing in:\n{err}"
+            );
+        }
+        // serve says nothing about listening before it has checked them.
+        assert!(!text(&out.stdout).contains("listening"), "{command}");
+    }
+}
+
+#[test]
 fn push_app_keys_are_checked_with_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let key = dovepush_mocks::ProviderKey::generate("TEAMAAAAAA", "KEYAAAAAAA");
