@@ -125,6 +125,14 @@ pub async fn run_with(
             (a.id.clone(), kinds.collect::<Vec<_>>())
         })
         .collect();
+    let registry = Registry::new(
+        store.clone(),
+        mail.clone(),
+        CredentialCache::new(config.dovecot.auth_cache),
+        apps,
+    )
+    .with_app_transports(app_transports);
+    let user_locks = registry.user_locks();
     let state = Arc::new(http::AppState {
         notify_user: config.notify.username.clone(),
         notify_password: config.notify.password.clone(),
@@ -136,17 +144,12 @@ pub async fn run_with(
             wake.clone(),
             hand_over,
         ),
-        registry: Registry::new(
-            store.clone(),
-            mail.clone(),
-            CredentialCache::new(config.dovecot.auth_cache),
-            apps,
-        )
-        .with_app_transports(app_transports),
+        registry,
         store: store.clone(),
         metrics: metrics.clone(),
     });
     let dispatcher = Dispatcher {
+        user_locks,
         store: store.clone(),
         transports,
         policy: RetryPolicy::from_config(&config.outbox),

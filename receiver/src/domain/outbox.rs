@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
 use super::{jitter_unit, now_millis};
 use crate::config::OutboxConfig;
 use crate::domain::device::shorten_token;
+use crate::domain::registry::UserLocks;
 use crate::mailserver::{MailError, MailServer};
 use crate::store::{Claimed, Completed, Completion, OutboxItem, SendSlots, Store};
 use crate::telemetry::{FailureClass, Metrics};
@@ -27,6 +28,9 @@ pub const CLAIM_BATCH: usize = 256;
 pub const IDLE_POLL: Duration = Duration::from_secs(1);
 /// After a claim that found nothing, the least wait before the next one (ms).
 const CLAIM_RETRY_MS: i64 = 50;
+/// After the store failed to record push outcomes, the dispatcher tries them again this
+/// much later (until then their items stay in flight, their slots already free).
+const RECORD_RETRY: Duration = Duration::from_secs(1);
 /// Overall bound on one transport call.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -159,6 +163,8 @@ pub struct Dispatcher {
     pub policy: RetryPolicy,
     pub metrics: Arc<Metrics>,
     pub mail: Arc<dyn MailServer>,
+    /// The registry's per-user locks: held while clearing a subscription.
+    pub user_locks: UserLocks,
     /// Notified by ingest when new items were left pending.
     pub wake: Arc<Notify>,
     /// Send slots (`concurrency` of them), shared with ingest.
@@ -186,11 +192,13 @@ impl Dispatcher {
         // When to claim from the store next; `starved`: due items may be waiting for slots.
         let mut claim_at = tokio::time::Instant::now();
         let mut starved = false;
+        // Set while outcomes the store failed to record wait for another try.
+        let mut record_at: Option<tokio::time::Instant> = None;
         loop {
             while let Ok(c) = done_rx.try_recv() {
                 batch.push(c);
             }
-            if !batch.is_empty() {
+            if !batch.is_empty() && record_at.is_none_or(|at| at <= tokio::time::Instant::now()) {
                 // A retry due soon is claimed then, not at the next poll.
                 let retry = batch
                     .iter()
@@ -199,8 +207,15 @@ impl Dispatcher {
                         _ => None,
                     })
                     .min();
-                this.record(std::mem::take(&mut batch)).await;
+                let recorded = this.record(std::mem::take(&mut batch)).await;
                 let now = tokio::time::Instant::now();
+                record_at = None;
+                if let Err(kept) = recorded {
+                    // The loop wakes for it with the next claim at the latest.
+                    batch = kept;
+                    record_at = Some(now + RECORD_RETRY);
+                    claim_at = claim_at.min(now + RECORD_RETRY);
+                }
                 if starved {
                     claim_at = now;
                 }
@@ -407,12 +422,27 @@ impl Dispatcher {
         }
     }
 
-    async fn record(&self, batch: Vec<Completed>) {
-        match self.store.complete(batch).await {
+    /// Records a batch of outcomes; gives the batch back if the store failed (recording
+    /// again is harmless: each outcome's statements are idempotent).
+    async fn record(&self, batch: Vec<Completed>) -> Result<(), Vec<Completed>> {
+        match self.store.complete(batch.clone()).await {
             Ok(outcome) => {
                 for user in outcome.users_without_devices {
                     let mail = self.mail.clone();
+                    let store = self.store.clone();
+                    let lock = self.user_locks.get(&user);
                     tokio::spawn(async move {
+                        // Under the user's lock, and only if no device was registered
+                        // since (that registration set the METADATA again).
+                        let _guard = lock.lock().await;
+                        match store.devices_of(user.clone()).await {
+                            Ok(devices) if devices.is_empty() => {}
+                            Ok(_) => return,
+                            Err(e) => {
+                                tracing::warn!(user = %user, error = %e, "Cannot read the user's devices; subscription METADATA left as is.");
+                                return;
+                            }
+                        }
                         match mail.clear_subscription_as_master(&user).await {
                             Ok(()) => {
                                 tracing::info!(user = %user, "Last device removed; subscription METADATA cleared.")
@@ -428,9 +458,16 @@ impl Dispatcher {
                     });
                 }
             }
-            // The items stay in flight and are retried after a restart.
-            Err(e) => tracing::error!(error = %e, "Cannot record push outcomes."),
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    outcomes = batch.len(),
+                    "Cannot record push outcomes; trying again in a second."
+                );
+                return Err(batch);
+            }
         }
+        Ok(())
     }
 }
 

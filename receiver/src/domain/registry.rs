@@ -33,14 +33,18 @@ pub enum RegistryError {
     Store(#[from] StoreError),
 }
 
-/// Per-user async locks, dropped when unused.
-#[derive(Default)]
-struct UserLocks {
-    locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+/// Per-user async locks, dropped when unused. Whoever changes a user's subscription
+/// METADATA holds the user's lock from its look at the user's devices to its change: the
+/// registry, and the dispatcher when a push service removed the user's last device.
+/// Clones share the locks.
+#[derive(Clone, Default)]
+pub struct UserLocks {
+    locks: Arc<Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>>,
 }
 
 impl UserLocks {
-    fn get(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
+    /// The lock of `user`.
+    pub fn get(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut map = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(lock) = map.get(user).and_then(Weak::upgrade) {
             return lock;
@@ -86,6 +90,11 @@ impl Registry {
 
     /// Restricts registrations of the listed apps to their transport kinds: a device the
     /// app cannot push to is refused (400, field `transport`) instead of waiting forever.
+    /// The per-user locks, for the dispatcher (see [`UserLocks`]).
+    pub fn user_locks(&self) -> UserLocks {
+        self.locks.clone()
+    }
+
     pub fn with_app_transports(
         mut self,
         app_transports: HashMap<String, Vec<TransportKind>>,
