@@ -894,6 +894,140 @@ mod tests {
         );
     }
 
+    /// Files in a spool directory (not counting temporaries).
+    fn spooled_ids(dir: &std::path::Path) -> Vec<String> {
+        Spool::new(SpoolSettings {
+            dir: dir.to_path_buf(),
+            max_size: 1 << 20,
+            max_age: Duration::from_secs(60),
+            retry_interval: Duration::from_secs(1),
+        })
+        .entries()
+        .unwrap()
+        .iter()
+        .map(|p| Spool::load(p).unwrap().event_id)
+        .collect()
+    }
+
+    #[test]
+    fn retryable_answers_are_retried_then_spooled_and_replayed_with_their_event_id() {
+        for status in [500u16, 503, 429, 408] {
+            let sink = dovepush_testkit::sink::Sink::start();
+            sink.set_status(status);
+            let spool_dir = tempfile::tempdir().unwrap();
+            let spool = Arc::new(Spool::new(SpoolSettings {
+                dir: spool_dir.path().to_path_buf(),
+                max_size: 1 << 20,
+                max_age: Duration::from_secs(60),
+                retry_interval: Duration::from_millis(300),
+            }));
+            let id = format!("ev-{status}");
+            let mut sender = Sender::start(16).unwrap();
+            sender
+                .submit(&Submission {
+                    job: test_job(&id, &sink.url(Some("u:p"))),
+                    spool: spool.clone(),
+                    debug: false,
+                })
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while spooled_ids(spool_dir.path()).is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert_eq!(
+                spooled_ids(spool_dir.path()),
+                std::slice::from_ref(&id),
+                "{status}"
+            );
+            // max_retries = 1: the first attempt and one retry.
+            assert_eq!(sink.attempts(), 2, "{status}");
+            // The receiver recovers: the periodic replay sends it, with the same id.
+            sink.set_status(200);
+            let got = sink.wait_for(1, Duration::from_secs(5));
+            assert_eq!(got.len(), 1, "{status}: not replayed");
+            assert_eq!(got[0].event_id(), Some(id.as_str()), "{status}");
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !spooled_ids(spool_dir.path()).is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(spooled_ids(spool_dir.path()).is_empty(), "{status}");
+            sender.shutdown(Duration::from_millis(200));
+        }
+    }
+
+    #[test]
+    fn a_final_answer_is_not_retried_nor_spooled_and_is_logged_with_the_user() {
+        let sink = dovepush_testkit::sink::Sink::start();
+        sink.set_status(404);
+        let spool_dir = tempfile::tempdir().unwrap();
+        let mut sub = submission();
+        sub.job = test_job("ev-404", &sink.url(Some("u:p")));
+        sub.spool = Arc::new(Spool::new(SpoolSettings {
+            dir: spool_dir.path().to_path_buf(),
+            ..sub.spool.settings.clone()
+        }));
+        let mut sender = Sender::start(16).unwrap();
+        sender.submit(&sub).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sink.attempts() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let lines = sender.shutdown(Duration::from_millis(500));
+        assert_eq!(sink.attempts(), 1);
+        assert!(spooled_ids(spool_dir.path()).is_empty());
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.text.contains("alice") && l.text.contains("404")),
+            "log: {lines:?}"
+        );
+    }
+
+    #[test]
+    fn spool_limits_drop_the_oldest_and_log_the_count() {
+        let sink = dovepush_testkit::sink::Sink::start();
+        let spool_dir = tempfile::tempdir().unwrap();
+        let url = sink.url(Some("u:p"));
+        let one = test_job("ev-old-0", &url).to_record().len() as u64;
+        let spool = Arc::new(Spool::new(SpoolSettings {
+            dir: spool_dir.path().to_path_buf(),
+            // Room for two records of this size.
+            max_size: 2 * one + one / 2,
+            max_age: Duration::from_secs(60),
+            retry_interval: Duration::from_secs(30),
+        }));
+        for i in 0..4 {
+            let mut job = test_job(&format!("ev-old-{i}"), &url);
+            job.created_ms += i;
+            spool.store(&job).unwrap();
+        }
+        // A new process's first job makes it replay the spool, within its limits.
+        let mut sender = Sender::start(16).unwrap();
+        sender
+            .submit(&Submission {
+                job: test_job("ev-new", &url),
+                spool: spool.clone(),
+                debug: false,
+            })
+            .unwrap();
+        let got = sink.wait_for(3, Duration::from_secs(5));
+        let lines = sender.shutdown(Duration::from_millis(200));
+        let mut ids: Vec<&str> = got.iter().filter_map(|r| r.event_id()).collect();
+        ids.sort();
+        assert_eq!(
+            ids,
+            ["ev-new", "ev-old-2", "ev-old-3"],
+            "the newest two are kept"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.text.contains("dropped 0 events older than")
+                    && l.text.contains("and 2 beyond the size limit")),
+            "log: {lines:?}"
+        );
+    }
+
     #[test]
     fn a_sender_process_sends_and_stops() {
         let spool_dir = tempfile::tempdir().unwrap();
