@@ -235,7 +235,7 @@ fn concurrent_maildir_deliveries_never_carry_uid_0() {
 }
 
 #[test]
-fn lda_exit_spools_what_it_could_not_send_and_the_next_process_sends_it() {
+fn lda_exit_spools_what_it_could_not_send_and_the_next_process_sends_it_whoever_it_delivers_to() {
     let port = free_port();
     let dovecot = dovecot_with_dovepush(
         &url_for(port, None),
@@ -259,7 +259,14 @@ fn lda_exit_spools_what_it_could_not_send_and_the_next_process_sends_it() {
     assert_eq!(spool_files(&spool).len(), 1, "{}", dovecot.log());
 
     let sink = Sink::start_on(port).unwrap();
-    // A new process replays the spool on its first delivery.
+    // A new process replays the spool at its first delivery, even one to a user
+    // without a subscription (which itself notifies nobody).
+    let (ok, _) = dovecot.deliver_lda("bob", &messages::simple(9)).unwrap();
+    assert!(ok);
+    let requests = sink.wait_for(1, WAIT);
+    assert_eq!(requests.len(), 1, "{}", dovecot.log());
+    assert_eq!(requests[0].json()["user"], "alice");
+    assert!(spool_files(&spool).is_empty(), "{}", dovecot.log());
     let (ok, _) = dovecot.deliver_lda("alice", &messages::simple(2)).unwrap();
     assert!(ok);
     let requests = sink.wait_for(2, WAIT);

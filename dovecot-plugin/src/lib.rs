@@ -22,6 +22,7 @@ pub mod spool;
 pub mod subscription;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,9 @@ struct Active {
     config: Config,
     endpoints: Vec<Arc<Endpoint>>,
     spool: Arc<Spool>,
+    /// Whether this process has looked at the spool (at its first delivery with this
+    /// config) for records left by earlier processes.
+    spool_looked_at: AtomicBool,
 }
 
 /// The plugin's per-process state (lives on Dovecot's thread).
@@ -125,6 +129,7 @@ impl Dovepush {
             endpoints: config.endpoints.iter().cloned().map(Arc::new).collect(),
             spool: Arc::new(Spool::new(config.spool.clone())),
             config,
+            spool_looked_at: AtomicBool::new(false),
         });
         if self.configs.len() > 64 {
             self.configs.clear();
@@ -182,7 +187,37 @@ impl Dovepush {
         subscription.map(|s| s.user)
     }
 
-    fn submit(&mut self, submission: Submission, queue_size: usize, log: &dyn Fn(LogLevel, &str)) {
+    /// A new process sends what earlier ones left in the spool: at its first delivery
+    /// with a config, whoever it is for, it starts its sender if the spool holds records
+    /// and names the endpoints to it (the sender then replays their records).
+    fn replay_at_start(&mut self, active: &Active, user: &User<'_>) {
+        if active.spool_looked_at.swap(true, Ordering::Relaxed) || !active.spool.holds_records() {
+            return;
+        }
+        let log = |level: LogLevel, text: &str| user.log(level, text);
+        let mut flush = self.flush;
+        let Some(sender) = self.sender_running(active.config.queue_size, &log) else {
+            return;
+        };
+        for endpoint in &active.endpoints {
+            if let Err(why) = sender.announce(endpoint, &active.spool, active.config.debug) {
+                log(
+                    LogLevel::Warning,
+                    &format!("cannot ask the sender to replay the spool: {why}"),
+                );
+                break;
+            }
+            flush = flush.max(endpoint.timeout);
+        }
+        self.flush = flush;
+    }
+
+    /// The sender process, started (again) if need be.
+    fn sender_running(
+        &mut self,
+        queue_size: usize,
+        log: &dyn Fn(LogLevel, &str),
+    ) -> Option<&mut Sender> {
         if self.sender.as_ref().is_some_and(Sender::is_gone) {
             self.flush_logs();
             self.sender = None;
@@ -200,7 +235,11 @@ impl Dovepush {
                 ),
             }
         }
-        let refused = match &mut self.sender {
+        self.sender.as_mut()
+    }
+
+    fn submit(&mut self, submission: Submission, queue_size: usize, log: &dyn Fn(LogLevel, &str)) {
+        let refused = match self.sender_running(queue_size, log) {
             Some(sender) => sender.submit(&submission).err(),
             None => Some(process::Refused::Gone("it could not be started".into())),
         };
@@ -257,6 +296,7 @@ impl Plugin for Dovepush {
         if active.endpoints.is_empty() {
             return None;
         }
+        self.replay_at_start(&active, user);
         let folder = mailbox.vname();
         if !active.config.watches(&folder) {
             Self::debug(

@@ -45,7 +45,7 @@ use dovepush_ffi::LogLevel;
 
 use crate::config::{Endpoint, SpoolSettings, DEFAULT_TIMEOUT};
 use crate::job::Job;
-use crate::sender::{self, LogLine, LogQueue, Submission};
+use crate::sender::{self, Input, LogLine, LogQueue, Submission};
 use crate::spool::Spool;
 
 /// Largest frame either side reads; jobs are far smaller (bodies are cut to a few KiB).
@@ -99,9 +99,15 @@ impl Context {
 
     /// The same endpoint, spool and debug setting (the same `Arc`s, or equal ones).
     fn serves(&self, submission: &Submission) -> bool {
-        let endpoint = &submission.job.endpoint;
-        let spool = &submission.spool;
-        self.debug == submission.debug
+        self.is(
+            &submission.job.endpoint,
+            &submission.spool,
+            submission.debug,
+        )
+    }
+
+    fn is(&self, endpoint: &Arc<Endpoint>, spool: &Arc<Spool>, debug: bool) -> bool {
+        self.debug == debug
             && (Arc::ptr_eq(&self.endpoint, endpoint) || *self.endpoint == **endpoint)
             && (Arc::ptr_eq(&self.spool, spool) || self.spool.settings == spool.settings)
     }
@@ -416,20 +422,43 @@ impl Sender {
         }
         let context = match self.contexts.iter().position(|c| c.serves(submission)) {
             Some(id) => id,
-            None => {
-                // Per-user receiver URLs could make these many: start over now and then.
-                if self.contexts.len() >= MAX_CONTEXTS {
-                    self.send(b"F")?;
-                    self.contexts.clear();
-                }
-                let context = Context::of(submission);
-                let id = self.contexts.len();
-                self.send(&encode_context(id as u32, &context))?;
-                self.contexts.push(context);
-                id
-            }
+            None => self.add_context(Context::of(submission))?,
         };
         self.send(&encode_job(context as u32, &submission.job))
+    }
+
+    /// Name an endpoint and its spool without a job: the sender replays the records for
+    /// it that the spool holds (a new process does this at its first delivery when its
+    /// spool is not empty, whoever the delivery is for).
+    pub fn announce(
+        &mut self,
+        endpoint: &Arc<Endpoint>,
+        spool: &Arc<Spool>,
+        debug: bool,
+    ) -> Result<(), Refused> {
+        if self.gone {
+            return Err(Refused::Gone("it exited earlier".into()));
+        }
+        if !self.contexts.iter().any(|c| c.is(endpoint, spool, debug)) {
+            self.add_context(Context {
+                endpoint: endpoint.clone(),
+                spool: spool.clone(),
+                debug,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn add_context(&mut self, context: Context) -> Result<usize, Refused> {
+        // Per-user receiver URLs could make these many: start over now and then.
+        if self.contexts.len() >= MAX_CONTEXTS {
+            self.send(b"F")?;
+            self.contexts.clear();
+        }
+        let id = self.contexts.len();
+        self.send(&encode_context(id as u32, &context))?;
+        self.contexts.push(context);
+        Ok(id)
     }
 
     fn send(&mut self, frame: &[u8]) -> Result<(), Refused> {
@@ -670,7 +699,7 @@ fn pass_logs(fd: RawFd, logs: &LogQueue) -> bool {
 /// Read frames until stop or the end of the socket, then tell the worker to stop.
 async fn read_frames(
     socket: Arc<AsyncFd<OwnedFd>>,
-    jobs: mpsc::Sender<Submission>,
+    jobs: mpsc::Sender<Input>,
     stop: oneshot::Sender<Duration>,
     logs: LogQueue,
 ) {
@@ -692,7 +721,14 @@ async fn read_frames(
             Ok(Some(n)) => match decode_to_sender(&buf[..n]) {
                 Ok(ToSender::Context { id, context }) => {
                     flush = flush.max(context.endpoint.timeout);
+                    let known = Input::Endpoint {
+                        endpoint: context.endpoint.clone(),
+                        spool: context.spool.clone(),
+                    };
                     contexts.insert(id, context);
+                    if jobs.send(known).await.is_err() {
+                        break flush;
+                    }
                 }
                 Ok(ToSender::Forget) => contexts.clear(),
                 Ok(ToSender::Job { context, job }) => {
@@ -706,7 +742,11 @@ async fn read_frames(
                         );
                         continue;
                     };
-                    if jobs.send(context.submission(job)).await.is_err() {
+                    if jobs
+                        .send(Input::Job(context.submission(job)))
+                        .await
+                        .is_err()
+                    {
                         break flush;
                     }
                 }
@@ -1026,6 +1066,30 @@ mod tests {
                     && l.text.contains("and 2 beyond the size limit")),
             "log: {lines:?}"
         );
+    }
+
+    #[test]
+    fn an_announced_endpoint_gets_its_spooled_records_without_a_job() {
+        let sink = dovepush_testkit::sink::Sink::start();
+        let spool_dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::new(SpoolSettings {
+            dir: spool_dir.path().to_path_buf(),
+            max_size: 1 << 20,
+            max_age: Duration::from_secs(60),
+            retry_interval: Duration::from_secs(30),
+        }));
+        let left = test_job("ev-left-by-an-earlier-process", &sink.url(Some("u:p")));
+        spool.store(&left).unwrap();
+        assert!(spool.holds_records());
+        let mut sender = Sender::start(16).unwrap();
+        sender.announce(&left.endpoint, &spool, false).unwrap();
+        sender.announce(&left.endpoint, &spool, false).unwrap();
+        assert_eq!(sender.contexts.len(), 1, "named once");
+        let got = sink.wait_for(1, Duration::from_secs(5));
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].event_id(), Some("ev-left-by-an-earlier-process"));
+        sender.shutdown(Duration::from_millis(200));
+        assert!(!spool.holds_records());
     }
 
     #[test]

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use dovepush_ffi::LogLevel as Level;
 
+use crate::config::Endpoint;
 use crate::event::EVENT_ID_HEADER;
 use crate::job::Job;
 use crate::spool::Spool;
@@ -245,6 +246,19 @@ impl SpoolState {
     }
 }
 
+/// What the sender process's frame reader hands the worker.
+pub enum Input {
+    /// An event to send.
+    Job(Submission),
+    /// An endpoint and its spool, named by the Dovecot process before its first job for
+    /// them, or without one (a new process whose spool holds events): the worker replays
+    /// that spool's records for the endpoint.
+    Endpoint {
+        endpoint: Arc<Endpoint>,
+        spool: Arc<Spool>,
+    },
+}
+
 struct Worker {
     clients: Clients,
     logs: LogQueue,
@@ -279,13 +293,26 @@ impl Worker {
         state
     }
 
-    fn accept(self: &Arc<Self>, submission: Submission) {
-        {
-            let mut endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-            if !endpoints.contains(&submission.job.endpoint.url) {
-                endpoints.insert(submission.job.endpoint.url.clone());
+    fn take(self: &Arc<Self>, input: Input) {
+        match input {
+            Input::Job(submission) => self.accept(submission),
+            Input::Endpoint { endpoint, spool } => {
+                self.know(&endpoint);
+                self.spool_state(&spool);
             }
         }
+    }
+
+    /// Records for `endpoint` found in a spool may be sent.
+    fn know(&self, endpoint: &Endpoint) {
+        let mut endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        if !endpoints.contains(&endpoint.url) {
+            endpoints.insert(endpoint.url.clone());
+        }
+    }
+
+    fn accept(self: &Arc<Self>, submission: Submission) {
+        self.know(&submission.job.endpoint);
         let state = self.spool_state(&submission.spool);
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let submission = Arc::new(submission);
@@ -572,7 +599,7 @@ impl Worker {
 
     async fn run(
         self: Arc<Self>,
-        mut jobs: mpsc::Receiver<Submission>,
+        mut jobs: mpsc::Receiver<Input>,
         mut stop: oneshot::Receiver<Duration>,
     ) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -588,8 +615,8 @@ impl Worker {
                 next_round.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
             ));
             tokio::select! {
-                job = jobs.recv() => match job {
-                    Some(job) => self.accept(job),
+                input = jobs.recv() => match input {
+                    Some(input) => self.take(input),
                     None => break Duration::ZERO,
                 },
                 flush = &mut stop => break flush.unwrap_or(Duration::ZERO),
@@ -599,8 +626,8 @@ impl Worker {
             }
         };
         jobs.close();
-        while let Ok(job) = jobs.try_recv() {
-            self.accept(job);
+        while let Ok(input) = jobs.try_recv() {
+            self.take(input);
         }
         // Jobs in flight and replays under way (a short-lived process such as
         // dovecot-lda would otherwise drain one spooled file per run) get the flush time;
@@ -636,7 +663,7 @@ impl Worker {
 /// long in-flight jobs may still take, spool what is left and return. Runs on the
 /// sender process's runtime ([`crate::process`]).
 pub async fn run(
-    jobs: mpsc::Receiver<Submission>,
+    jobs: mpsc::Receiver<Input>,
     stop: oneshot::Receiver<Duration>,
     logs: LogQueue,
 ) -> Result<(), String> {

@@ -102,6 +102,21 @@ impl Spool {
         Ok(files)
     }
 
+    /// Whether the spool holds at least one record (stops at the first one found; a
+    /// missing or unreadable directory holds none).
+    pub fn holds_records(&self) -> bool {
+        fs::read_dir(self.dir()).is_ok_and(|mut read| {
+            read.any(|entry| {
+                entry.is_ok_and(|entry| {
+                    entry
+                        .file_name()
+                        .to_str()
+                        .is_some_and(|n| !n.starts_with('.') && n.ends_with(".json"))
+                })
+            })
+        })
+    }
+
     pub fn load(path: &Path) -> Result<Job, String> {
         let text = fs::read_to_string(path).map_err(|e| e.to_string())?;
         Job::from_record(&text)
