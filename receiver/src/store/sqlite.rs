@@ -488,6 +488,9 @@ fn sync_loop(
     }
 }
 
+/// How often the writer counts the outbox again for the depth gauge.
+const DEPTH_RECOUNT: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn writer_loop(
     conn: Connection,
     mut rx: mpsc::Receiver<Command>,
@@ -495,6 +498,7 @@ fn writer_loop(
     depth: Arc<AtomicI64>,
     syncing: Arc<AtomicBool>,
 ) {
+    let mut counted_at = std::time::Instant::now();
     while let Some(first) = rx.blocking_recv() {
         let mut batch = Batch::begin(&conn);
         batch.run(first);
@@ -521,6 +525,15 @@ fn writer_loop(
         let (committed, delta) = batch.commit();
         if committed.failure.is_none() {
             depth.fetch_add(delta, Ordering::Relaxed);
+        }
+        // The deltas count this process's changes only: the CLI's `queue drop` (another
+        // process) is seen by counting again now and then.
+        if counted_at.elapsed() >= DEPTH_RECOUNT {
+            counted_at = std::time::Instant::now();
+            if let Ok(n) = conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))
+            {
+                depth.store(n, Ordering::Relaxed);
+            }
         }
         syncing.store(true, Ordering::Release);
         if let Err(std::sync::mpsc::SendError(lost)) = synced.send(committed) {
