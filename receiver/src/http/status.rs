@@ -77,3 +77,49 @@ pub async fn metrics(state: &AppState, req: Request<Incoming>) -> Result<HttpRes
 pub fn healthz() -> HttpResponse {
     json_response(StatusCode::OK, &json!({ "status": "ok" }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::device::Device;
+    use crate::transport::{Privacy, TransportKind};
+
+    #[test]
+    fn the_listing_shortens_tokens_and_formats_times() {
+        let token = "0123456789abcdef0123456789abcdef";
+        let users = vec![UserStatus {
+            user: "alice".into(),
+            last_error: None,
+            last_error_at: None,
+            devices: vec![Device {
+                id: 1,
+                user: "alice".into(),
+                app: "mail".into(),
+                transport: TransportKind::Fcm,
+                token: token.into(),
+                mailboxes: vec!["INBOX".into()],
+                privacy: Privacy::Generic,
+                created_at: 0,
+                registered_at: 0,
+                last_success_at: Some(1_000),
+                last_error: Some("Unavailable".into()),
+                last_error_at: None,
+                pending: 2,
+            }],
+        }];
+        let v = subscriptions_json(&users);
+        let d = &v[0]["devices"][0];
+        assert_eq!(v[0]["user"], "alice");
+        assert_eq!(d["token"], shorten_token(token));
+        assert!(
+            !d.to_string().contains(token),
+            "the whole token never shows"
+        );
+        assert_eq!(d["transport"], "fcm");
+        assert_eq!(d["privacy"], "generic");
+        assert_eq!(d["created"], format_millis(0));
+        assert_eq!(d["last_success"], format_millis(1_000));
+        assert_eq!(d["last_error_at"], Value::Null);
+        assert_eq!(d["pending"], 2);
+    }
+}
