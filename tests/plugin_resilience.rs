@@ -151,6 +151,46 @@ fn malformed_mail_delivers_and_notifies() {
 }
 
 #[test]
+fn lmtp_processes_that_exit_after_one_connection_send_no_uid_0() {
+    // service_count = 1: each LMTP connection is a process of its own, which exits as
+    // soon as the client quits; there is no ioloop left to give UIDs later.
+    let sink = Sink::start();
+    let mut dovecot = dovecot_with_dovepush(&sink.url(None), &[]);
+    let config = std::fs::read_to_string(dovecot.config_path()).unwrap();
+    let config = config.replacen(
+        "service lmtp {\n",
+        "service lmtp {\n  service_count = 1\n",
+        1,
+    );
+    std::fs::write(dovecot.config_path(), config).unwrap();
+    dovecot.restart().expect("restarting Dovecot");
+    dovecot
+        .set_subscription("alice", Some("user=alice"))
+        .unwrap();
+    let per_thread = 15;
+    std::thread::scope(|scope| {
+        for c in 0..4 {
+            let dovecot = &dovecot;
+            scope.spawn(move || {
+                for n in 0..per_thread {
+                    let mut lmtp = dovecot.lmtp().unwrap();
+                    lmtp.deliver(&["alice@example.com"], &messages::simple(c * 1000 + n))
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let requests = sink.wait_for(4 * per_thread, WAIT);
+    assert_eq!(requests.len(), 4 * per_thread, "{}", dovecot.log());
+    let uids: HashSet<u64> = requests
+        .iter()
+        .map(|r| r.json()["imap-uid"].as_u64().unwrap())
+        .collect();
+    assert!(!uids.contains(&0), "{}", dovecot.log());
+    assert_eq!(uids.len(), 4 * per_thread, "UIDs are distinct");
+}
+
+#[test]
 fn concurrent_maildir_deliveries_never_carry_uid_0() {
     let sink = Sink::start();
     let dovecot = dovecot_with_dovepush(&sink.url(None), &[]);

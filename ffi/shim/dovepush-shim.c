@@ -82,11 +82,16 @@ static void dovepush_txn_free(struct dovepush_txn *txn)
 }
 
 /* Can missing UIDs be resolved after the delivery is answered? Only in lmtp,
-   whose ioloop runs on after each DATA reply; dovecot-lda exits instead. */
+   whose ioloop runs on after each DATA reply, and only in a process that will
+   serve another connection: dovecot-lda exits instead, and so does an lmtp
+   process on its last connection (service_count = 1, or Dovecot stopping),
+   often right after the reply. Those ask the storage for UIDs at commit. */
 static bool dovepush_can_defer(void)
 {
 	return current_ioloop != NULL && master_service != NULL &&
-		strcmp(master_service_get_name(master_service), "lmtp") == 0;
+		strcmp(master_service_get_name(master_service), "lmtp") == 0 &&
+		master_service_get_service_count(master_service) != 1 &&
+		!master_service_is_killed(master_service);
 }
 
 static void *dovepush_txn_begin(struct mailbox_transaction_context *t)
