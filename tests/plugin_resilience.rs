@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use common::{dovecot_with_dovepush, WAIT};
 use dovepush_testkit::dovecot::spool_files;
+use dovepush_testkit::dovecot::Dovecot;
 use dovepush_testkit::free_port;
 use dovepush_testkit::messages;
-use dovepush_testkit::sink::{url_for, Sink};
+use dovepush_testkit::sink::{url_for, Request, Sink};
 
 fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -150,6 +151,20 @@ fn malformed_mail_delivers_and_notifies() {
     }
 }
 
+/// Waits for `n` notifications and checks that none carries UID 0 and no two the same
+/// UID; returns them.
+fn all_notified_with_distinct_uids(sink: &Sink, n: usize, dovecot: &Dovecot) -> Vec<Request> {
+    let requests = sink.wait_for(n, WAIT);
+    assert_eq!(requests.len(), n, "{}", dovecot.log());
+    let uids: HashSet<u64> = requests
+        .iter()
+        .map(|r| r.json()["imap-uid"].as_u64().unwrap())
+        .collect();
+    assert!(!uids.contains(&0), "{}", dovecot.log());
+    assert_eq!(uids.len(), n, "UIDs are distinct");
+    requests
+}
+
 #[test]
 fn lmtp_processes_that_exit_after_one_connection_send_no_uid_0() {
     // service_count = 1: each LMTP connection is a process of its own, which exits as
@@ -180,14 +195,7 @@ fn lmtp_processes_that_exit_after_one_connection_send_no_uid_0() {
             });
         }
     });
-    let requests = sink.wait_for(4 * per_thread, WAIT);
-    assert_eq!(requests.len(), 4 * per_thread, "{}", dovecot.log());
-    let uids: HashSet<u64> = requests
-        .iter()
-        .map(|r| r.json()["imap-uid"].as_u64().unwrap())
-        .collect();
-    assert!(!uids.contains(&0), "{}", dovecot.log());
-    assert_eq!(uids.len(), 4 * per_thread, "UIDs are distinct");
+    all_notified_with_distinct_uids(&sink, 4 * per_thread, &dovecot);
 }
 
 #[test]
@@ -210,14 +218,7 @@ fn concurrent_maildir_deliveries_never_carry_uid_0() {
             });
         }
     });
-    let requests = sink.wait_for(4 * per_connection, WAIT);
-    assert_eq!(requests.len(), 4 * per_connection, "{}", dovecot.log());
-    let uids: HashSet<u64> = requests
-        .iter()
-        .map(|r| r.json()["imap-uid"].as_u64().unwrap())
-        .collect();
-    assert!(!uids.contains(&0));
-    assert_eq!(uids.len(), 4 * per_connection, "UIDs are distinct");
+    let requests = all_notified_with_distinct_uids(&sink, 4 * per_connection, &dovecot);
 
     // The UIDs dovepush assigned after the commit are the ones IMAP shows: each notified
     // UID opens the message that was notified (its number ends the subject), and

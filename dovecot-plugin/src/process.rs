@@ -887,12 +887,7 @@ mod tests {
     fn a_sender_replays_what_others_spooled_once_per_retry_interval() {
         let sink = dovepush_testkit::sink::Sink::start();
         let spool_dir = tempfile::tempdir().unwrap();
-        let spool = Arc::new(Spool::new(SpoolSettings {
-            dir: spool_dir.path().to_path_buf(),
-            max_size: 1 << 20,
-            max_age: Duration::from_secs(60),
-            retry_interval: Duration::from_millis(400),
-        }));
+        let spool = spool_in(spool_dir.path(), Duration::from_millis(400));
         let submission = |id: &str| Submission {
             job: test_job(id, &sink.url(Some("u:p"))),
             spool: spool.clone(),
@@ -934,19 +929,24 @@ mod tests {
         );
     }
 
-    /// Files in a spool directory (not counting temporaries).
-    fn spooled_ids(dir: &std::path::Path) -> Vec<String> {
-        Spool::new(SpoolSettings {
+    /// A spool in `dir` with room enough, records kept a minute.
+    fn spool_in(dir: &std::path::Path, retry_interval: Duration) -> Arc<Spool> {
+        Arc::new(Spool::new(SpoolSettings {
             dir: dir.to_path_buf(),
             max_size: 1 << 20,
             max_age: Duration::from_secs(60),
-            retry_interval: Duration::from_secs(1),
-        })
-        .entries()
-        .unwrap()
-        .iter()
-        .map(|p| Spool::load(p).unwrap().event_id)
-        .collect()
+            retry_interval,
+        }))
+    }
+
+    /// The event ids of the records in a spool directory.
+    fn spooled_ids(dir: &std::path::Path) -> Vec<String> {
+        spool_in(dir, Duration::from_secs(1))
+            .entries()
+            .unwrap()
+            .iter()
+            .map(|p| Spool::load(p).unwrap().event_id)
+            .collect()
     }
 
     #[test]
@@ -955,12 +955,7 @@ mod tests {
             let sink = dovepush_testkit::sink::Sink::start();
             sink.set_status(status);
             let spool_dir = tempfile::tempdir().unwrap();
-            let spool = Arc::new(Spool::new(SpoolSettings {
-                dir: spool_dir.path().to_path_buf(),
-                max_size: 1 << 20,
-                max_age: Duration::from_secs(60),
-                retry_interval: Duration::from_millis(300),
-            }));
+            let spool = spool_in(spool_dir.path(), Duration::from_millis(300));
             let id = format!("ev-{status}");
             let mut sender = Sender::start(16).unwrap();
             sender
@@ -1072,12 +1067,7 @@ mod tests {
     fn an_announced_endpoint_gets_its_spooled_records_without_a_job() {
         let sink = dovepush_testkit::sink::Sink::start();
         let spool_dir = tempfile::tempdir().unwrap();
-        let spool = Arc::new(Spool::new(SpoolSettings {
-            dir: spool_dir.path().to_path_buf(),
-            max_size: 1 << 20,
-            max_age: Duration::from_secs(60),
-            retry_interval: Duration::from_secs(30),
-        }));
+        let spool = spool_in(spool_dir.path(), Duration::from_secs(30));
         let left = test_job("ev-left-by-an-earlier-process", &sink.url(Some("u:p")));
         spool.store(&left).unwrap();
         assert!(spool.holds_records());

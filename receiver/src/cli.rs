@@ -411,7 +411,7 @@ fn table(rows: &[Vec<String>]) -> String {
 mod tests {
     use super::*;
     use crate::domain::device::Device;
-    use crate::transport::{Privacy, TransportKind};
+    use crate::transport::TransportKind;
     use clap::CommandFactory;
 
     #[test]
@@ -453,19 +453,8 @@ mod tests {
                 last_error: None,
                 last_error_at: None,
                 devices: vec![Device {
-                    id: 1,
-                    user: "alice".into(),
-                    app: "mail".into(),
-                    transport: TransportKind::Apns,
-                    token: "0123456789abcdef0123456789".into(),
-                    mailboxes: vec!["INBOX".into()],
-                    privacy: Privacy::Full,
-                    created_at: 0,
-                    registered_at: 0,
-                    last_success_at: None,
-                    last_error: None,
-                    last_error_at: None,
                     pending: 2,
+                    ..Device::for_tests("alice", TransportKind::Apns, "0123456789abcdef0123456789")
                 }],
             },
             UserStatus {

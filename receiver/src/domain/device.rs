@@ -48,6 +48,29 @@ pub struct Device {
     pub pending: u64,
 }
 
+#[cfg(test)]
+impl Device {
+    /// A device of `user` for tests: app `mail`, INBOX, full privacy, created at 0, no
+    /// outcome yet, nothing pending.
+    pub(crate) fn for_tests(user: &str, transport: TransportKind, token: &str) -> Device {
+        Device {
+            id: 1,
+            user: user.into(),
+            app: "mail".into(),
+            transport,
+            token: token.into(),
+            mailboxes: vec!["INBOX".into()],
+            privacy: Privacy::Full,
+            created_at: 0,
+            registered_at: 0,
+            last_success_at: None,
+            last_error: None,
+            last_error_at: None,
+            pending: 0,
+        }
+    }
+}
+
 /// Parses a registration body. `app_privacy` looks up a configured app's default privacy
 /// (`None` = no such app; `Some(None)` = the app has no default).
 pub fn parse_registration(

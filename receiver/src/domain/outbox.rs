@@ -476,7 +476,7 @@ mod tests {
     use super::*;
     use crate::domain::device::Device;
     use crate::domain::event::PushContent;
-    use crate::transport::{Privacy, TransportKind};
+    use crate::transport::TransportKind;
 
     fn policy() -> RetryPolicy {
         RetryPolicy {
@@ -491,18 +491,7 @@ mod tests {
             id: 1,
             device: Device {
                 id: 2,
-                user: "alice".into(),
-                app: "mail".into(),
-                transport: TransportKind::Apns,
-                token: "tok".into(),
-                mailboxes: vec!["INBOX".into()],
-                privacy: Privacy::Full,
-                created_at: 0,
-                registered_at: 0,
-                last_success_at: None,
-                last_error: None,
-                last_error_at: None,
-                pending: 0,
+                ..Device::for_tests("alice", TransportKind::Apns, "tok")
             },
             content: PushContent {
                 event_id: None,

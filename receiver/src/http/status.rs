@@ -92,19 +92,11 @@ mod tests {
             last_error: None,
             last_error_at: None,
             devices: vec![Device {
-                id: 1,
-                user: "alice".into(),
-                app: "mail".into(),
-                transport: TransportKind::Fcm,
-                token: token.into(),
-                mailboxes: vec!["INBOX".into()],
                 privacy: Privacy::Generic,
-                created_at: 0,
-                registered_at: 0,
                 last_success_at: Some(1_000),
                 last_error: Some("Unavailable".into()),
-                last_error_at: None,
                 pending: 2,
+                ..Device::for_tests("alice", TransportKind::Fcm, token)
             }],
         }];
         let v = subscriptions_json(&users);
