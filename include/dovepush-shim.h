@@ -59,12 +59,20 @@ struct dovepush_callbacks {
 				const struct dovepush_commit *commit);
 	/* The transaction was rolled back (or its commit failed); state is consumed. */
 	void (*delivery_rollback)(void *state);
+	/* The descriptor given to dovepush_shim_watch_fd() has data (or was
+	   closed by its peer). Called from the process's root ioloop. */
+	void (*fd_readable)(void);
 };
 
 /* Register the notify hooks. `module` is the plugin's own module. */
 void dovepush_shim_register(struct module *module,
 			    const struct dovepush_callbacks *callbacks);
 void dovepush_shim_unregister(void);
+
+/* Watch `fd` for reading in the process's root ioloop (replacing any earlier
+ * watch); fd < 0 only removes the watch. Remove it before closing the fd.
+ * dovepush_shim_unregister() removes it too. */
+void dovepush_shim_watch_fd(int fd);
 
 const char *dovepush_shim_user_name(struct mail_user *user);
 /* Plugin setting from plugin {} or userdb, already %-expanded; NULL if unset. */

@@ -220,6 +220,7 @@ impl Dovepush {
     ) -> Option<&mut Sender> {
         if self.sender.as_ref().is_some_and(Sender::is_gone) {
             self.flush_logs();
+            dovepush_ffi::watch_fd(None);
             self.sender = None;
             log(
                 LogLevel::Warning,
@@ -228,7 +229,12 @@ impl Dovepush {
         }
         if self.sender.is_none() {
             match Sender::start(queue_size) {
-                Ok(sender) => self.sender = Some(sender),
+                Ok(sender) => {
+                    // Its log lines reach Dovecot's log as they come, between deliveries
+                    // too.
+                    dovepush_ffi::watch_fd(Some(sender.log_fd()));
+                    self.sender = Some(sender);
+                }
                 Err(e) => log(
                     LogLevel::Error,
                     &format!("cannot start the sender process: {e}; spooling instead"),
@@ -287,6 +293,14 @@ impl Plugin for Dovepush {
             for line in sender.shutdown(self.flush) {
                 dovepush_ffi::log(line.level, &line.text);
             }
+        }
+    }
+
+    fn fd_readable(&mut self) {
+        self.flush_logs();
+        if self.sender.as_ref().is_some_and(Sender::is_gone) {
+            // Its socket stays readable (closed): the next job starts a new sender.
+            dovepush_ffi::watch_fd(None);
         }
     }
 

@@ -22,7 +22,8 @@
 //!   `J` + a job (its context's id and its own fields, NUL-separated), `F` (forget the
 //!   contexts), `S` + the flush time in ms (stop);
 //! - sender → Dovecot: `L` + a level letter + a log line, written to Dovecot's log by
-//!   Dovecot's thread at the next hook or at deinit.
+//!   Dovecot's thread as they arrive (the plugin watches the socket in Dovecot's root
+//!   ioloop), and at each hook and at deinit.
 //!
 //! Handing a job over is one non-blocking `send` (two for the first job of a context);
 //! when the socket and the sender's queue (`dovepush_queue_size`) are full, or the
@@ -406,6 +407,11 @@ impl Sender {
     }
 
     /// The sender process's pid (for diagnostics and measurements).
+    /// The socket the sender passes its log lines back on (to watch for them).
+    pub fn log_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
     pub fn pid(&self) -> libc::pid_t {
         self.pid
     }

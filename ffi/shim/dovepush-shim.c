@@ -686,6 +686,38 @@ static const struct notify_vfuncs dovepush_vfuncs = {
 	.mail_transaction_rollback = dovepush_txn_rollback,
 };
 
+static struct io *dovepush_watch_io;
+
+static void dovepush_watched_fd_readable(void *context ATTR_UNUSED)
+{
+	T_BEGIN {
+		dovepush_cb.fd_readable();
+	} T_END;
+}
+
+void dovepush_shim_watch_fd(int fd)
+{
+	struct ioloop *root = io_loop_get_root();
+	struct ioloop_context *ctx;
+
+	io_remove(&dovepush_watch_io);
+	if (fd < 0 || root == NULL)
+		return;
+	/* Like the UID timer: added with no context active, so that it does not
+	   bring back the context of the delivery that started the sender. */
+	ctx = io_loop_get_current_context(root);
+	if (ctx != NULL) {
+		io_loop_context_ref(ctx);
+		io_loop_context_deactivate(ctx);
+	}
+	dovepush_watch_io = io_add_to(root, fd, IO_READ,
+				      dovepush_watched_fd_readable, NULL);
+	if (ctx != NULL) {
+		io_loop_context_activate(ctx);
+		io_loop_context_unref(&ctx);
+	}
+}
+
 void dovepush_shim_register(struct module *module ATTR_UNUSED,
 			    const struct dovepush_callbacks *callbacks)
 {
@@ -698,6 +730,7 @@ void dovepush_shim_unregister(void)
 	/* Deliveries still waiting for their UIDs (the process is exiting
 	   right after a delivery). */
 	dovepush_flush_pending_unresolved();
+	io_remove(&dovepush_watch_io);
 	if (dovepush_notify_ctx != NULL) {
 		notify_unregister(dovepush_notify_ctx);
 		dovepush_notify_ctx = NULL;

@@ -52,6 +52,14 @@ unsafe fn owned(ptr: *const c_char) -> Option<String> {
 }
 
 /// Log with the process's log prefix (no user context). Dovecot's thread only.
+/// Watch `fd` for reading in Dovecot's root ioloop: [`crate::Plugin::fd_readable`] runs
+/// when it has data or its peer closed it. One fd at a time (a new one replaces the
+/// old); `None` removes the watch. Remove it before closing the fd.
+pub fn watch_fd(fd: Option<std::os::fd::RawFd>) {
+    // SAFETY: called on Dovecot's thread (plugin callbacks only); the shim owns the io.
+    unsafe { sys::dovepush_shim_watch_fd(fd.unwrap_or(-1)) }
+}
+
 pub fn log_process(level: LogLevel, message: &str) {
     let text = c_text(message);
     // SAFETY: a NULL user is allowed; `text` outlives the call; Dovecot's thread.

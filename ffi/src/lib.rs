@@ -29,7 +29,7 @@ mod export;
 pub mod guard;
 mod host;
 
-pub use host::{log_process as log, Commit, LogLevel, Mailbox, SavedMail, User};
+pub use host::{log_process as log, watch_fd, Commit, LogLevel, Mailbox, SavedMail, User};
 
 #[doc(hidden)]
 pub mod __private {
@@ -77,4 +77,7 @@ pub trait Plugin: Send + Sized + 'static {
     fn delivery_rollback(&mut self, delivery: Self::Delivery) {
         drop(delivery);
     }
+    /// The fd given to [`watch_fd`] is readable (from Dovecot's root ioloop, between
+    /// deliveries too).
+    fn fd_readable(&mut self) {}
 }
