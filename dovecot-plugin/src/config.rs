@@ -267,15 +267,19 @@ impl Config {
             .collect();
 
         let mut endpoints = Vec::new();
-        let mut ox_cache_lifetime = None;
+        let mut ox_cache_lifetime: Option<Duration> = None;
         for n in 1..=MAX_ENDPOINTS {
             let key = numbered("dovepush", n);
             let Some(line) = get(&key) else { break };
             match parse_ox_line(&key, &line) {
                 Ok((endpoint, lifetime)) => {
-                    if ox_cache_lifetime.is_none() {
-                        ox_cache_lifetime = lifetime;
-                    }
+                    // One cache serves every endpoint: the shortest lifetime given wins
+                    // (a subscription change then takes effect as soon as any of the
+                    // ox drivers it replaces would have seen it).
+                    ox_cache_lifetime = match (ox_cache_lifetime, lifetime) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                     endpoints.push(endpoint);
                 }
                 Err(e) => problems.push(e),
@@ -561,6 +565,18 @@ mod tests {
         let e = parse_ox_line("dovepush2", "ox:url=http://h/ timeout_msecs=abc").unwrap_err();
         assert_eq!(e.key, "dovepush2");
         assert!(e.problem.contains("timeout_msecs"));
+    }
+
+    #[test]
+    fn several_ox_lines_share_the_shortest_cache_lifetime() {
+        let (c, problems) = config(&[
+            ("dovepush", "ox:url=http://a/ max_retries=1"),
+            ("dovepush2", "ox:url=http://b/ cache_lifetime=2min"),
+            ("dovepush3", "ox:url=http://c/ cache_lifetime=30s"),
+        ]);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(c.endpoints.len(), 3);
+        assert_eq!(c.cache_lifetime, Duration::from_secs(30));
     }
 
     #[test]
