@@ -135,19 +135,19 @@ fn check_files(config: &Config) -> Result<(), ExitCode> {
     let mut problems = Vec::new();
     if let Some(files) = &config.server.tls {
         if let Err(e) = crate::server_tls(files) {
-            // Its message starts with the file it could not use.
-            let cert = files.cert.display().to_string();
-            let key = match e.to_string().contains(&cert) {
-                true => "server.tls_cert",
-                false => "server.tls_key",
+            let key = match &e {
+                crate::RunError::Tls { key, .. } => key,
+                _ => "server.tls_cert",
             };
             problems.push((key, e.to_string()));
         }
     }
+    // The address was checked with the config: what can fail now is the CA file (or,
+    // with TLS, the host as a server name; its message names the host).
     if let Err(e) = crate::mailserver::ImapMailServer::new(&config.dovecot) {
         let key = match config.dovecot.ca_file {
-            Some(_) if !e.to_string().contains("bad address") => "dovecot.ca_file",
-            _ => "dovecot.imap",
+            Some(_) => "dovecot.ca_file",
+            None => "dovecot.imap",
         };
         problems.push((key, e.to_string()));
     }

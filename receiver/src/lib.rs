@@ -65,8 +65,9 @@ pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("server TLS: {0}")]
-    Tls(String),
+    /// `key` is the config key of the file (or pair) that could not be used.
+    #[error("server TLS: {message}")]
+    Tls { key: &'static str, message: String },
     #[error("mail server client: {0}")]
     MailServer(#[from] MailError),
 }
@@ -199,25 +200,26 @@ async fn prune_events(store: Arc<dyn Store>, retention: Duration, mut stop: watc
 
 /// The server TLS acceptor (TLS 1.2 and 1.3, ring provider, ALPN h2 + http/1.1).
 pub fn server_tls(files: &TlsFiles) -> Result<TlsAcceptor, RunError> {
+    let tls = |key: &'static str, message: String| RunError::Tls { key, message };
     let certs = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| RunError::Tls(format!("{}: {e}", files.cert.display())))?;
+        .map_err(|e| tls("server.tls_cert", format!("{}: {e}", files.cert.display())))?;
     if certs.is_empty() {
-        return Err(RunError::Tls(format!(
-            "{}: no certificate found",
-            files.cert.display()
-        )));
+        return Err(tls(
+            "server.tls_cert",
+            format!("{}: no certificate found", files.cert.display()),
+        ));
     }
     let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| RunError::Tls(format!("{}: {e}", files.key.display())))?;
+        .map_err(|e| tls("server.tls_key", format!("{}: {e}", files.key.display())))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-    .map_err(|e| RunError::Tls(e.to_string()))?
+    .map_err(|e| tls("server.tls_cert", e.to_string()))?
     .with_no_client_auth()
     .with_single_cert(certs, key)
-    .map_err(|e| RunError::Tls(e.to_string()))?;
+    .map_err(|e| tls("server.tls_key", e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
