@@ -269,9 +269,10 @@ struct Worker {
     spools: Mutex<HashMap<PathBuf, Arc<SpoolState>>>,
     /// Wakes the run loop when events were spooled (it replays only while some wait).
     spooled: tokio::sync::Notify,
-    /// The endpoints (full URLs) this process was given jobs for. The spool directory is
-    /// writable by every uid: a record for any other URL (a local user's forgery, or an
-    /// endpoint since reconfigured) is never sent by this process.
+    /// The endpoints (full URLs) the Dovecot process named ([`Input::Endpoint`], which
+    /// comes before any job for them). The spool directory is writable by every uid: a
+    /// record for any other URL (a local user's forgery, or an endpoint since
+    /// reconfigured) is never sent by this process.
     endpoints: Mutex<HashSet<String>>,
 }
 
@@ -312,7 +313,6 @@ impl Worker {
     }
 
     fn accept(self: &Arc<Self>, submission: Submission) {
-        self.know(&submission.job.endpoint);
         let state = self.spool_state(&submission.spool);
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let submission = Arc::new(submission);
