@@ -211,25 +211,40 @@ static void dovepush_mail_copy(void *txn_ptr, struct mail *src ATTR_UNUSED,
 
 static void dovepush_resolve_pending(void *context ATTR_UNUSED);
 
-/* A timer that belongs to no ioloop context. A timer remembers the context
-   active when it was added (here: the delivering user's) and activates it
-   again when it fires, re-pushing the global events that context had; by
-   then lmtp has deinitialized that user, and its stale events break
-   lmtp's global event stack. */
-static struct timeout *dovepush_timeout_add_detached(unsigned int msecs)
+/* Deactivate the ioloop context active in `ioloop` (if any) while a timer or
+   io is added there. A timer or io remembers the context active when it was
+   added (here: the delivering user's) and activates it again when it fires,
+   re-pushing the global events that context had; by then lmtp has
+   deinitialized that user, and its stale events break lmtp's global event
+   stack. */
+static struct ioloop_context *dovepush_context_suspend(struct ioloop *ioloop)
 {
-	struct ioloop_context *ctx = io_loop_get_current_context(current_ioloop);
-	struct timeout *to;
+	struct ioloop_context *ctx = io_loop_get_current_context(ioloop);
 
 	if (ctx != NULL) {
 		io_loop_context_ref(ctx);
 		io_loop_context_deactivate(ctx);
 	}
-	to = timeout_add_short(msecs, dovepush_resolve_pending, NULL);
+	return ctx;
+}
+
+/* Undo dovepush_context_suspend(). */
+static void dovepush_context_resume(struct ioloop_context *ctx)
+{
 	if (ctx != NULL) {
 		io_loop_context_activate(ctx);
 		io_loop_context_unref(&ctx);
 	}
+}
+
+/* A timer that belongs to no ioloop context. */
+static struct timeout *dovepush_timeout_add_detached(unsigned int msecs)
+{
+	struct ioloop_context *ctx = dovepush_context_suspend(current_ioloop);
+	struct timeout *to;
+
+	to = timeout_add_short(msecs, dovepush_resolve_pending, NULL);
+	dovepush_context_resume(ctx);
 	return to;
 }
 
@@ -705,17 +720,10 @@ void dovepush_shim_watch_fd(int fd)
 		return;
 	/* Like the UID timer: added with no context active, so that it does not
 	   bring back the context of the delivery that started the sender. */
-	ctx = io_loop_get_current_context(root);
-	if (ctx != NULL) {
-		io_loop_context_ref(ctx);
-		io_loop_context_deactivate(ctx);
-	}
+	ctx = dovepush_context_suspend(root);
 	dovepush_watch_io = io_add_to(root, fd, IO_READ,
 				      dovepush_watched_fd_readable, NULL);
-	if (ctx != NULL) {
-		io_loop_context_activate(ctx);
-		io_loop_context_unref(&ctx);
-	}
+	dovepush_context_resume(ctx);
 }
 
 void dovepush_shim_register(struct module *module ATTR_UNUSED,
