@@ -200,9 +200,7 @@ impl SqliteStore {
         if recover {
             recover_in_flight(&writer_conn).map_err(|e| open_err(e.to_string()))?;
         }
-        let depth: i64 = writer_conn
-            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
-            .map_err(|e| open_err(e.to_string()))?;
+        let depth = count_outbox(&writer_conn).map_err(|e| open_err(e.to_string()))?;
         let reader = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
         configure(&reader, true).map_err(|e| open_err(e.to_string()))?;
 
@@ -488,6 +486,11 @@ fn sync_loop(
     }
 }
 
+/// Items in the outbox (pending and in flight): the depth gauge.
+fn count_outbox(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+}
+
 /// How often the writer counts the outbox again for the depth gauge.
 const DEPTH_RECOUNT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -530,8 +533,7 @@ fn writer_loop(
         // process) is seen by counting again now and then.
         if counted_at.elapsed() >= DEPTH_RECOUNT {
             counted_at = std::time::Instant::now();
-            if let Ok(n) = conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))
-            {
+            if let Ok(n) = count_outbox(&conn) {
                 depth.store(n, Ordering::Relaxed);
             }
         }
