@@ -59,9 +59,6 @@ struct dovepush_callbacks {
 				const struct dovepush_commit *commit);
 	/* The transaction was rolled back (or its commit failed); state is consumed. */
 	void (*delivery_rollback)(void *state);
-	/* The descriptor given to dovepush_shim_watch_fd() has data (or was
-	   closed by its peer). Called from the process's root ioloop. */
-	void (*fd_readable)(void);
 };
 
 /* Register the notify hooks. `module` is the plugin's own module. */
@@ -69,15 +66,23 @@ void dovepush_shim_register(struct module *module,
 			    const struct dovepush_callbacks *callbacks);
 void dovepush_shim_unregister(void);
 
-/* Watch `fd` for reading in the process's root ioloop (replacing any earlier
- * watch); fd < 0 only removes the watch. Remove it before closing the fd.
- * dovepush_shim_unregister() removes it too. */
-void dovepush_shim_watch_fd(int fd);
-
 const char *dovepush_shim_user_name(struct mail_user *user);
-/* Plugin setting from plugin {} or userdb, already %-expanded; NULL if unset. */
-const char *dovepush_shim_user_setting(struct mail_user *user, const char *name);
+/* The user's dovepush settings among `names` (NULL-terminated), as
+ * name/value pairs: *pairs_r gets 2 * count strings, valid until the current
+ * callback returns; settings that are not set are left out. Returns the
+ * count, or -1 with *error_r set.
+ * - Dovecot 2.3: plugin {} or userdb values, %-expanded, as written.
+ * - Dovecot 2.4: the typed global settings (settings_get()), with userdb
+ *   overrides, written back in a syntax the 2.3 values may have: times as
+ *   "<n>ms" or "<n>s", sizes in bytes, booleans "yes"/"no"; names 2.4 does
+ *   not have (the 2.3 numbered endpoints) are left out. */
+int dovepush_shim_user_settings(struct mail_user *user,
+				const char *const *names,
+				const char *const **pairs_r,
+				const char **error_r);
 bool dovepush_shim_user_mail_debug(struct mail_user *user);
+/* Dovecot's base_dir (where the master's service sockets are). */
+const char *dovepush_shim_user_base_dir(struct mail_user *user);
 
 /* The mailbox's virtual name, e.g. "INBOX". */
 const char *dovepush_shim_mailbox_vname(struct mailbox *box);

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{dovecot_with_dovepush, WAIT};
+use dovepush_testkit::dovecot::SENDER_USER;
 use dovepush_testkit::messages;
 use dovepush_testkit::procfs;
 use dovepush_testkit::sink::Sink;
@@ -60,34 +61,22 @@ fn lmtp_delivery_to_a_subscribed_user_notifies() {
         Some(1),
         "user comes first: {keys:?}"
     );
-    // The lmtp process (still alive: it serves the open connection) has its sender.
-    // (Tests run in parallel: other instances' senders may be there too, or outlive
-    // their lmtp for a moment.)
-    let senders: Vec<(procfs::Stat, procfs::Stat)> = procfs::all()
+    // The sender is the instance's one service process, not root; the lmtp process
+    // (still alive: it serves the open connection) has no thread besides its own.
+    let sender = dovecot.sender_pid().expect("the sender service runs");
+    let (service_uid, _) = dovepush_testkit::dovecot::system_user(SENDER_USER).unwrap();
+    assert_eq!(procfs::uids(sender), Some([service_uid; 4]));
+    let master = dovecot.master_pid().unwrap();
+    let lmtps: Vec<procfs::Stat> = procfs::all()
         .into_iter()
-        .filter(|p| p.comm == "dovepush-send")
-        .filter_map(|sender| Some((procfs::stat(sender.ppid()?)?, sender)))
-        .filter(|(parent, _)| parent.comm == "lmtp")
+        .filter(|p| p.comm == "lmtp" && p.ppid() == Some(master))
         .collect();
-    assert!(
-        !senders.is_empty(),
-        "no dovepush-send process under an lmtp"
-    );
-    for (parent, sender) in senders {
-        assert_eq!(
-            sender.nice(),
-            Some(10),
-            "the sender yields the CPU to deliveries"
-        );
-        assert_eq!(
-            sender.pgrp(),
-            Some(sender.pid),
-            "a process group of its own"
-        );
-        assert_eq!(
-            sender.session(),
-            parent.session(),
-            "in lmtp's session, so that its nice value counts against lmtp's"
+    assert!(!lmtps.is_empty());
+    for lmtp in lmtps {
+        assert_eq!(procfs::status_field(lmtp.pid, "Threads"), Some(1));
+        assert!(
+            !procfs::all().iter().any(|p| p.ppid() == Some(lmtp.pid)),
+            "lmtp forks nothing"
         );
     }
 }
@@ -190,10 +179,9 @@ fn final_4xx_is_not_retried_and_is_logged_with_the_user() {
     let mut lmtp = dovecot.lmtp().unwrap();
     lmtp.deliver(&["alice@example.com"], &messages::simple(1))
         .unwrap();
-    // The sender's log line reaches Dovecot's log while lmtp waits for the next
-    // command: no other delivery is needed.
+    // The sender service logs it, naming the user, in Dovecot's log.
     let logged = |log: &str| {
-        log.contains("user alice@example.com:")
+        log.contains("dovepush(alice@example.com): Error:")
             && log.contains("400")
             && log.contains("not retried")
     };
@@ -206,22 +194,35 @@ fn final_4xx_is_not_retried_and_is_logged_with_the_user() {
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(sink.attempts(), 1);
     drop(lmtp);
-    assert!(dovepush_testkit::dovecot::spool_files(&dovecot.spool_dir()).is_empty());
+    assert!(dovecot.queued_files().is_empty());
 }
 
 #[test]
-fn the_shipped_conf_d_snippet_works_as_is() {
+fn the_shipped_conf_d_snippet_and_endpoint_file_work_as_is() {
     let sink = Sink::start();
-    let snippet = concat!(env!("CARGO_MANIFEST_DIR"), "/conf.d/90-dovepush.conf");
-    let mut dovecot =
-        dovepush_testkit::dovecot::Dovecot::start(dovepush_testkit::dovecot::Options {
-            delivery_plugins: String::new(),
-            dovepush_module: Some(dovepush_testkit::dovecot::built_plugin()),
-            extra_config: format!("!include {snippet}\n"),
-            ..Default::default()
-        })
-        .unwrap();
-    dovecot = common::restart_with(dovecot, &[("dovepush_url", &sink.url(None))]);
+    let root = env!("CARGO_MANIFEST_DIR");
+    let snippet = format!("{root}/conf.d/90-dovepush.conf");
+    // The endpoint file as an admin would fill it in: one line uncommented.
+    let endpoints = std::fs::read_to_string(format!("{root}/conf.d/dovepush-endpoints.conf.ext"))
+        .unwrap()
+        .replace(
+            "  #dovepush_url = https://dovepush:PASSWORD@push.example.net:8025/preliminary/http-notify/v1/notify",
+            &format!("  dovepush_url = {}", sink.url(None)),
+        );
+    assert!(endpoints.contains(&sink.url(None)));
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints_path = dir.path().join("dovepush-endpoints.conf.ext");
+    std::fs::write(&endpoints_path, endpoints).unwrap();
+    let dovecot = dovepush_testkit::dovecot::Dovecot::start(dovepush_testkit::dovecot::Options {
+        delivery_plugins: String::new(),
+        dovepush_module: Some(dovepush_testkit::dovecot::built_plugin()),
+        extra_config: format!(
+            "!include {snippet}\n!include {}\n",
+            endpoints_path.display()
+        ),
+        ..Default::default()
+    })
+    .unwrap();
     dovecot
         .set_subscription("alice", Some("user=alice-login"))
         .unwrap();
@@ -232,6 +233,6 @@ fn the_shipped_conf_d_snippet_works_as_is() {
         .unwrap();
     let requests = sink.wait_for(1, WAIT);
     assert_eq!(requests.len(), 1, "{}", dovecot.log());
-    // The snippet turns on user_from_metadata.
+    // The endpoint file turns on user_from_metadata.
     assert_eq!(requests[0].json()["user"], "alice-login");
 }

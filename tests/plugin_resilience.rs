@@ -5,26 +5,14 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{dovecot_with_dovepush, WAIT};
-use dovepush_testkit::dovecot::spool_files;
+use common::{dovecot_with_dovepush, wait_until, WAIT};
 use dovepush_testkit::dovecot::Dovecot;
 use dovepush_testkit::free_port;
 use dovepush_testkit::messages;
 use dovepush_testkit::sink::{url_for, Request, Sink};
 
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    done()
-}
-
 #[test]
-fn receiver_down_for_50_deliveries_then_up_all_arrive_in_the_same_process() {
+fn receiver_down_for_50_deliveries_then_up_each_arrives_once() {
     let port = free_port();
     let dovecot = dovecot_with_dovepush(
         &url_for(port, None),
@@ -47,11 +35,10 @@ fn receiver_down_for_50_deliveries_then_up_all_arrive_in_the_same_process() {
             "delivery {n} took {latency:?}"
         );
     }
-    let spool = dovecot.spool_dir();
     assert!(
-        wait_until(WAIT, || spool_files(&spool).len() == 50),
-        "expected 50 spooled events, found {}\n{}",
-        spool_files(&spool).len(),
+        wait_until(WAIT, || dovecot.queued_files().len() == 50),
+        "expected 50 queued events, found {}\n{}",
+        dovecot.queued_files().len(),
         dovecot.log()
     );
 
@@ -76,7 +63,9 @@ fn receiver_down_for_50_deliveries_then_up_all_arrive_in_the_same_process() {
         .map(|r| r.json()["imap-uid"].as_u64().unwrap())
         .collect();
     assert_eq!(uids, (1..=50).collect::<HashSet<u64>>());
-    assert!(wait_until(WAIT, || spool_files(&spool).is_empty()));
+    assert!(wait_until(WAIT, || dovecot.queued_files().is_empty()));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sink.requests().len(), 50, "each event once");
     // The same connection (and so the same lmtp process) still delivers.
     lmtp.deliver(&["alice@example.com"], &messages::simple(51))
         .unwrap();
@@ -276,13 +265,14 @@ fn concurrent_maildir_deliveries_never_carry_uid_0() {
 }
 
 #[test]
-fn lda_exit_spools_what_it_could_not_send_and_the_next_process_sends_it_whoever_it_delivers_to() {
+fn lda_returns_at_once_and_the_service_sends_what_the_receiver_missed_when_it_is_back() {
     let port = free_port();
     let dovecot = dovecot_with_dovepush(
         &url_for(port, None),
         &[
             ("dovepush_max_retries", "0"),
             ("dovepush_timeout_msecs", "500"),
+            ("dovepush_spool_retry_interval", "1s"),
         ],
     );
     dovecot
@@ -292,22 +282,25 @@ fn lda_exit_spools_what_it_could_not_send_and_the_next_process_sends_it_whoever_
     let (ok, stderr) = dovecot.deliver_lda("alice", &messages::simple(1)).unwrap();
     assert!(ok, "{stderr}");
     assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
+        started.elapsed() < Duration::from_secs(1),
+        "dovecot-lda waited {:?}",
         started.elapsed()
     );
-    let spool = dovecot.spool_dir();
-    assert_eq!(spool_files(&spool).len(), 1, "{}", dovecot.log());
+    assert!(
+        wait_until(WAIT, || dovecot.queued_files().len() == 1),
+        "{}",
+        dovecot.log()
+    );
 
     let sink = Sink::start_on(port).unwrap();
-    // A new process replays the spool at its first delivery, even one to a user
-    // without a subscription (which itself notifies nobody).
-    let (ok, _) = dovecot.deliver_lda("bob", &messages::simple(9)).unwrap();
-    assert!(ok);
     let requests = sink.wait_for(1, WAIT);
     assert_eq!(requests.len(), 1, "{}", dovecot.log());
     assert_eq!(requests[0].json()["user"], "alice");
-    assert!(spool_files(&spool).is_empty(), "{}", dovecot.log());
+    assert!(
+        wait_until(WAIT, || dovecot.queued_files().is_empty()),
+        "{}",
+        dovecot.log()
+    );
     let (ok, _) = dovecot.deliver_lda("alice", &messages::simple(2)).unwrap();
     assert!(ok);
     let requests = sink.wait_for(2, WAIT);
@@ -316,5 +309,4 @@ fn lda_exit_spools_what_it_could_not_send_and_the_next_process_sends_it_whoever_
         .map(|r| r.json()["imap-uid"].as_u64().unwrap())
         .collect();
     assert_eq!(uids, HashSet::from([1, 2]), "{}", dovecot.log());
-    assert!(spool_files(&spool).is_empty());
 }

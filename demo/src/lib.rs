@@ -3,6 +3,8 @@
 //! plugin (testkit), and the real `dovepush-receiver` binary as a child process,
 //! configured the way an operator would (a TOML file). Everything stops on drop.
 
+#![forbid(unsafe_code)]
+
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -28,7 +30,7 @@ pub fn artifact(name: &str) -> PathBuf {
     let path = exe.parent().expect("target dir").join(name);
     assert!(
         path.exists(),
-        "{} is missing: build it first (cargo build -p dovepush-plugin -p dovepush-receiver)",
+        "{} is missing: build it first (cargo build -p dovepush-plugin -p dovepush-sender -p dovepush-receiver)",
         path.display()
     );
     path
@@ -107,6 +109,7 @@ impl Stack {
             users: users.to_vec(),
             delivery_plugins: "notify dovepush".into(),
             dovepush_module: Some(artifact("libdovepush_plugin.so")),
+            dovepush_sender: Some(artifact("dovepush-sender")),
             plugin_settings: vec![
                 (
                     "dovepush_url".into(),
@@ -115,8 +118,6 @@ impl Stack {
                     ),
                 ),
                 ("dovepush_user_from_metadata".into(), "yes".into()),
-                // The instance's own spool dir (home is <instance>/home/<user>).
-                ("dovepush_spool_dir".into(), "%h/../../spool".into()),
             ],
             ..Options::default()
         })?;

@@ -5,6 +5,8 @@
 //! that user's IMAP password; delivers a mail over LMTP; prints what the mock APNs
 //! received and the time from the end of DATA to the push; stops everything.
 
+#![forbid(unsafe_code)]
+
 use std::time::{Duration, Instant};
 
 use dovepush_demo::{Stack, USER, USER_PASSWORD};

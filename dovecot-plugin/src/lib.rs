@@ -2,60 +2,59 @@
 //!
 //! On each MTA delivery (LMTP, LDA) into a watched mailbox of a user who has the ox
 //! driver's METADATA subscription, it copies the facts out of Dovecot and hands one
-//! ox-compatible notification per endpoint to a background sender. The delivery never
-//! waits for the network; what cannot be sent is spooled and sent later.
+//! record per mail to the sender service (`service dovepush`, the `dovepush-sender`
+//! binary): one non-blocking write to its socket, or a file in its drop spool when the
+//! socket cannot take it. The plugin never waits, forks, starts a thread or touches the
+//! network; the service sends to the endpoints its own settings name, retries and
+//! spools. So the plugin needs no endpoint setting (`dovepush_url` and its password can
+//! live in a file only root reads).
 //!
-//! Modules: [`config`] (settings), [`subscription`] (METADATA value and cache),
-//! [`event`] (the JSON body), [`job`] (a send unit), [`sender`] (sending, retries,
-//! replays), [`process`] (the sender process it runs in), [`spool`] (on-disk fallback). This file only wires them to Dovecot's hooks through
-//! `dovepush-ffi`; everything else is safe Rust tested without Dovecot.
+//! Modules: [`subscription`] (the METADATA cache), [`event`] (event ids), [`client`]
+//! (the service's socket and the drop spool). The settings are `dovepush-settings`', the
+//! wire formats `dovepush-protocol`'s. This file only wires them to Dovecot's hooks
+//! through `dovepush-ffi`; everything else is safe Rust tested without Dovecot.
 
-#![deny(unsafe_code)]
+#![deny(unsafe_code)] // the module symbols dovecot_plugin! exports are the one exception
 
-pub mod config;
+pub mod client;
 pub mod event;
-pub mod job;
-#[allow(unsafe_code)] // fork, socket and signal calls (libc)
-pub mod process;
-pub mod sender;
-pub mod spool;
 pub mod subscription;
 
+pub use dovepush_settings as config;
+
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use dovepush_ffi::{Commit, LogLevel, Mailbox, Plugin, SavedMail, User};
+use dovepush_protocol::notification::{EventKind, Notification};
+use dovepush_protocol::record::Record;
 
-use crate::config::{Config, Endpoint};
-use crate::event::{Event, EventIds};
-use crate::job::{now_ms, Job};
-use crate::process::Sender;
-use crate::sender::Submission;
-use crate::spool::Spool;
-use crate::subscription::{SubscriptionCache, METADATA_KEY};
+use crate::client::{Handed, ServiceClient, DROP_DIR, SOCKET_NAME};
+use crate::config::Config;
+use crate::event::EventIds;
+use crate::subscription::{Subscription, SubscriptionCache, METADATA_KEY};
 
 /// A parsed configuration with what is derived from it once.
 struct Active {
     config: Config,
-    endpoints: Vec<Arc<Endpoint>>,
-    spool: Arc<Spool>,
-    /// Whether this process has looked at the spool (at its first delivery with this
-    /// config) for records left by earlier processes.
-    spool_looked_at: AtomicBool,
+    /// `<dovepush_spool_dir>/drop`.
+    drop_dir: Arc<PathBuf>,
 }
 
 /// The plugin's per-process state (lives on Dovecot's thread).
 pub struct Dovepush {
-    sender: Option<Sender>,
+    client: ServiceClient,
+    /// The service's socket, from the first user's `base_dir`.
+    socket: Option<PathBuf>,
     /// Parsed configs by their raw settings, so each distinct config is parsed (and its
     /// problems reported) once per process.
     configs: HashMap<Vec<(String, String)>, Arc<Active>>,
     subscriptions: SubscriptionCache,
     ids: EventIds,
-    /// Longest endpoint timeout seen: the bound of the flush at deinit.
-    flush: Duration,
+    /// What [`raw_settings`] asks for.
+    setting_names: Vec<String>,
 }
 
 /// One followed delivery transaction.
@@ -67,45 +66,66 @@ pub struct Delivery {
     mails: Vec<SavedMail>,
 }
 
-/// The raw `dovepush*` settings of a user: the fixed names plus the numbered endpoints.
-fn raw_settings(user: &User<'_>) -> Vec<(String, String)> {
-    let mut raw = Vec::new();
-    let mut add = |name: String| -> bool {
-        match user.setting(&name) {
-            Some(value) if !value.is_empty() => {
-                raw.push((name, value));
-                true
-            }
-            _ => false,
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The names the plugin asks Dovecot for: the fixed names plus the numbered ox lines of
+/// 2.3 (for their `cache_lifetime`; 2.4 has none). The `dovepush_url`s are the
+/// service's alone.
+fn setting_names() -> Vec<String> {
+    let mut names: Vec<String> = config::SETTING_NAMES
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    names.push("dovepush".into());
+    names.extend((2..=config::MAX_ENDPOINTS).map(|n| format!("dovepush{n}")));
+    names
+}
+
+/// The raw `dovepush*` settings of a user that are set (empty values left out). When
+/// Dovecot cannot give them (2.4: `settings_get()` failed), the error is logged and
+/// the defaults apply.
+fn raw_settings(user: &User<'_>, names: &[String]) -> Vec<(String, String)> {
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    match user.settings(&names) {
+        Ok(mut raw) => {
+            raw.retain(|(_, value)| !value.is_empty());
+            raw
         }
-    };
-    for name in config::SETTING_NAMES {
-        add(name.to_string());
-    }
-    for base in ["dovepush", "dovepush_url"] {
-        for n in 1..=config::MAX_ENDPOINTS {
-            let name = if n == 1 {
-                base.to_string()
-            } else {
-                format!("{base}{n}")
-            };
-            if !add(name) {
-                break;
-            }
+        Err(e) => {
+            user.log(
+                LogLevel::Error,
+                &format!("cannot read the dovepush settings, using the defaults: {e}"),
+            );
+            Vec::new()
         }
     }
-    raw
+}
+
+/// Log what happened to records that did not go to the socket.
+fn report(log: &dyn Fn(LogLevel, &str), handed: &Handed, record: &Record) {
+    match handed {
+        Handed::Socket => {}
+        Handed::Dropped { path, why } => log(
+            LogLevel::Warning,
+            &format!(
+                "{why}: event {} left in {}",
+                record.id,
+                path.parent().unwrap_or(Path::new("")).display()
+            ),
+        ),
+        Handed::Lost { why } => log(
+            LogLevel::Error,
+            &format!("{why}: event {} is lost", record.id),
+        ),
+    }
 }
 
 impl Dovepush {
-    fn flush_logs(&mut self) {
-        if let Some(sender) = &mut self.sender {
-            for line in sender.take_logs() {
-                dovepush_ffi::log(line.level, &line.text);
-            }
-        }
-    }
-
     fn debug(active: &Active, user: &User<'_>, text: &str) {
         if active.config.debug {
             user.log(LogLevel::Info, &format!("debug: {text}"));
@@ -115,7 +135,7 @@ impl Dovepush {
     }
 
     fn active_config(&mut self, user: &User<'_>) -> Arc<Active> {
-        let raw = raw_settings(user);
+        let raw = raw_settings(user, &self.setting_names);
         if let Some(active) = self.configs.get(&raw) {
             return active.clone();
         }
@@ -126,10 +146,8 @@ impl Dovepush {
             user.log(LogLevel::Error, &problem.to_string());
         }
         let active = Arc::new(Active {
-            endpoints: config.endpoints.iter().cloned().map(Arc::new).collect(),
-            spool: Arc::new(Spool::new(config.spool.clone())),
+            drop_dir: Arc::new(config.spool.dir.join(DROP_DIR)),
             config,
-            spool_looked_at: AtomicBool::new(false),
         });
         if self.configs.len() > 64 {
             self.configs.clear();
@@ -167,7 +185,7 @@ impl Dovepush {
                 return None;
             }
         };
-        let subscription = match found.as_deref().map(subscription::parse) {
+        let subscription = match found.as_deref().map(Subscription::parse) {
             None => {
                 Self::debug(
                     active,
@@ -186,91 +204,6 @@ impl Dovepush {
             .insert(username, now, subscription.clone());
         subscription.map(|s| s.user)
     }
-
-    /// A new process sends what earlier ones left in the spool: at its first delivery
-    /// with a config, whoever it is for, it starts its sender if the spool holds records
-    /// and names the endpoints to it (the sender then replays their records).
-    fn replay_at_start(&mut self, active: &Active, user: &User<'_>) {
-        if active.spool_looked_at.swap(true, Ordering::Relaxed) || !active.spool.holds_records() {
-            return;
-        }
-        let log = |level: LogLevel, text: &str| user.log(level, text);
-        let mut flush = self.flush;
-        let Some(sender) = self.sender_running(active.config.queue_size, &log) else {
-            return;
-        };
-        for endpoint in &active.endpoints {
-            if let Err(why) = sender.announce(endpoint, &active.spool, active.config.debug) {
-                log(
-                    LogLevel::Warning,
-                    &format!("cannot ask the sender to replay the spool: {why}"),
-                );
-                break;
-            }
-            flush = flush.max(endpoint.timeout);
-        }
-        self.flush = flush;
-    }
-
-    /// The sender process, started (again) if need be.
-    fn sender_running(
-        &mut self,
-        queue_size: usize,
-        log: &dyn Fn(LogLevel, &str),
-    ) -> Option<&mut Sender> {
-        if self.sender.as_ref().is_some_and(Sender::is_gone) {
-            self.flush_logs();
-            dovepush_ffi::watch_fd(None);
-            self.sender = None;
-            log(
-                LogLevel::Warning,
-                "the sender process has exited; starting a new one",
-            );
-        }
-        if self.sender.is_none() {
-            match Sender::start(queue_size) {
-                Ok(sender) => {
-                    // Its log lines reach Dovecot's log as they come, between deliveries
-                    // too.
-                    dovepush_ffi::watch_fd(Some(sender.log_fd()));
-                    self.sender = Some(sender);
-                }
-                Err(e) => log(
-                    LogLevel::Error,
-                    &format!("cannot start the sender process: {e}; spooling instead"),
-                ),
-            }
-        }
-        self.sender.as_mut()
-    }
-
-    fn submit(&mut self, submission: Submission, queue_size: usize, log: &dyn Fn(LogLevel, &str)) {
-        let refused = match self.sender_running(queue_size, log) {
-            Some(sender) => sender.submit(&submission).err(),
-            None => Some(process::Refused::Gone("it could not be started".into())),
-        };
-        if let Some(why) = refused {
-            let job = &submission.job;
-            match submission.spool.store(job) {
-                Ok(_) => log(
-                    LogLevel::Warning,
-                    &format!(
-                        "{why}: event {} spooled in {}",
-                        job.event_id,
-                        submission.spool.dir().display()
-                    ),
-                ),
-                Err(e) => log(
-                    LogLevel::Error,
-                    &format!(
-                        "{why} and event {} could not be spooled in {}: {e}",
-                        job.event_id,
-                        submission.spool.dir().display()
-                    ),
-                ),
-            }
-        }
-    }
 }
 
 impl Plugin for Dovepush {
@@ -278,39 +211,29 @@ impl Plugin for Dovepush {
 
     fn init() -> Self {
         Dovepush {
-            sender: None,
+            client: ServiceClient::new(config::DEFAULT_QUEUE_SIZE),
+            socket: None,
             configs: HashMap::new(),
             subscriptions: SubscriptionCache::default(),
             ids: EventIds::new(),
-            // Raised to the longest timeout of the endpoints jobs went to.
-            flush: Duration::ZERO,
+            setting_names: setting_names(),
         }
     }
 
     fn deinit(mut self) {
-        self.flush_logs();
-        if let Some(sender) = self.sender.take() {
-            for line in sender.shutdown(self.flush) {
-                dovepush_ffi::log(line.level, &line.text);
+        // Records the service acknowledged are its own; a live connection keeps the
+        // rest (the service reads them after this process is gone); a broken one's go to
+        // the drop spool.
+        let log = |level: LogLevel, text: &str| dovepush_ffi::log(level, text);
+        for handed in self.client.finish() {
+            if let Handed::Lost { why } = &handed {
+                log(LogLevel::Error, &format!("an event is lost: {why}"));
             }
         }
     }
 
-    fn fd_readable(&mut self) {
-        self.flush_logs();
-        if self.sender.as_ref().is_some_and(Sender::is_gone) {
-            // Its socket stays readable (closed): the next job starts a new sender.
-            dovepush_ffi::watch_fd(None);
-        }
-    }
-
     fn delivery_begin(&mut self, user: &User<'_>, mailbox: &Mailbox<'_>) -> Option<Delivery> {
-        self.flush_logs();
         let active = self.active_config(user);
-        if active.endpoints.is_empty() {
-            return None;
-        }
-        self.replay_at_start(&active, user);
         let folder = mailbox.vname();
         if !active.config.watches(&folder) {
             Self::debug(
@@ -322,6 +245,10 @@ impl Plugin for Dovepush {
         }
         let username = user.name();
         let subscriber = self.subscriber(&active, user, mailbox, &username)?;
+        if self.socket.is_none() {
+            let base_dir = user.base_dir().unwrap_or_else(|| "/run/dovecot".into());
+            self.socket = Some(Path::new(&base_dir).join(SOCKET_NAME));
+        }
         Self::debug(
             &active,
             user,
@@ -365,9 +292,10 @@ impl Plugin for Dovepush {
             None => None,
         };
         let active = delivery.active.clone();
-        for endpoint in &active.endpoints {
-            self.flush = self.flush.max(endpoint.timeout);
-        }
+        let socket = self
+            .socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/run/dovecot").join(SOCKET_NAME));
         let created_ms = now_ms();
         for (i, mail) in delivery.mails.into_iter().enumerate() {
             let uid = commit.uids.get(i).copied().unwrap_or(0);
@@ -377,36 +305,45 @@ impl Plugin for Dovepush {
                     &format!("no UID could be found for a mail in {}", delivery.folder),
                 );
             }
-            let event_id = self.ids.next();
-            for endpoint in &active.endpoints {
-                let event = Event {
-                    id: event_id.clone(),
-                    user: if endpoint.user_from_metadata {
-                        delivery.subscriber.clone()
-                    } else {
-                        delivery.username.clone()
-                    },
-                    folder: delivery.folder.clone(),
-                    uid_validity: commit.uid_validity,
-                    uid,
-                    from: mail.from.clone(),
-                    subject: mail.subject.clone(),
-                    snippet: mail.snippet.clone(),
-                    unseen,
-                };
-                let submission = Submission {
-                    job: Job {
-                        event_id: event_id.clone(),
-                        user: delivery.username.clone(),
-                        endpoint: endpoint.clone(),
-                        body: event.to_json(),
-                        created_ms,
-                    },
-                    spool: active.spool.clone(),
-                    debug: active.config.debug,
-                };
-                self.submit(submission, active.config.queue_size, &log);
+            let body = Notification {
+                user: delivery.username.clone(),
+                event: EventKind::MessageNew,
+                folder: delivery.folder.clone(),
+                uidvalidity: commit.uid_validity,
+                uid,
+                from: mail.from.clone(),
+                subject: mail.subject.clone(),
+                snippet: mail.snippet.clone(),
+                unseen,
             }
+            .within_limits();
+            let record = Record::new(
+                self.ids.next(),
+                delivery.username.clone(),
+                delivery.subscriber.clone(),
+                created_ms,
+                body,
+            );
+            self.client.set_max_pending(active.config.queue_size);
+            let (handed, spilled) = self
+                .client
+                .submit(&socket, &active.drop_dir, record.clone());
+            for earlier in &spilled {
+                if let Handed::Lost { why } = earlier {
+                    log(LogLevel::Error, &format!("an earlier event is lost: {why}"));
+                }
+            }
+            if !spilled.is_empty() {
+                log(
+                    LogLevel::Warning,
+                    &format!(
+                        "{} events the sender service had not taken yet were left in {}",
+                        spilled.len(),
+                        active.drop_dir.display()
+                    ),
+                );
+            }
+            report(&log, &handed, &record);
         }
     }
 }

@@ -1,9 +1,5 @@
-//! The METADATA subscription the ox driver reads, and a per-process cache of it.
-//!
-//! The value of the private server attribute `/private/vendor/vendor.dovecot/http-notify`
-//! is a TAB-separated list of `key=value` items in Dovecot's tab-escaping (`\x01` +
-//! `1`/`t`/`r`/`n`/`0`). Only `user=` matters; it must be present (the ox driver skips the
-//! delivery without it, and so do we).
+//! A per-process cache of the METADATA subscription the ox driver reads (its key and
+//! value are [`dovepush_protocol::subscription`]'s).
 //!
 //! lmtp processes serve many deliveries, so the lookup (a mailbox open plus a dict read,
 //! most of the ox driver's cost) is cached per username: found values for
@@ -13,68 +9,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// The attribute key below Dovecot's server prefix.
-pub const METADATA_KEY: &str = "vendor/vendor.dovecot/http-notify";
+pub use dovepush_protocol::subscription::{Subscription, SubscriptionError, METADATA_KEY};
+
 /// How many users the cache holds before it starts over.
 const CACHE_MAX_USERS: usize = 50_000;
-
-/// A parsed subscription.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subscription {
-    /// The `user=` value: the identity the receiver knows the user by.
-    pub user: String,
-}
-
-/// Why a stored value is not a usable subscription.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SubscriptionError {
-    MissingUser,
-}
-
-impl std::fmt::Display for SubscriptionError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SubscriptionError::MissingUser => {
-                f.write_str("the http-notify METADATA value has no user= item")
-            }
-        }
-    }
-}
-
-/// Undo Dovecot's tab-escaping of one item.
-pub fn tab_unescape(item: &str) -> String {
-    let mut out = String::with_capacity(item.len());
-    let mut chars = item.chars();
-    while let Some(c) = chars.next() {
-        if c != '\x01' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('1') => out.push('\x01'),
-            Some('t') => out.push('\t'),
-            Some('r') => out.push('\r'),
-            Some('n') => out.push('\n'),
-            Some('0') => out.push('\0'),
-            Some(other) => out.push(other),
-            None => {}
-        }
-    }
-    out
-}
-
-/// Parse the attribute value. The last `user=` wins, as in the ox driver.
-pub fn parse(value: &str) -> Result<Subscription, SubscriptionError> {
-    value
-        .split('\t')
-        .rev()
-        .find_map(|item| {
-            let (key, val) = item.split_once('=')?;
-            (tab_unescape(key) == "user").then(|| tab_unescape(val))
-        })
-        .map(|user| Subscription { user })
-        .ok_or(SubscriptionError::MissingUser)
-}
 
 /// Per-process cache of subscription lookups, keyed by Dovecot username.
 #[derive(Debug, Default)]
@@ -111,33 +49,6 @@ impl SubscriptionCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn plain_user() {
-        assert_eq!(parse("user=3@2").unwrap().user, "3@2");
-    }
-
-    #[test]
-    fn other_items_and_last_user_wins() {
-        let v = "events=MessageNew\tuser=alice\tfolder=INBOX\tuser=bob";
-        assert_eq!(parse(v).unwrap().user, "bob");
-    }
-
-    #[test]
-    fn tab_escaped_values() {
-        assert_eq!(parse("user=a\x01tb\x011c").unwrap().user, "a\tb\x01c");
-        assert_eq!(tab_unescape("x\x01ny\x01r\x010"), "x\ny\r\0");
-    }
-
-    #[test]
-    fn empty_user_is_accepted_missing_user_is_not() {
-        assert_eq!(parse("user=").unwrap().user, "");
-        assert_eq!(
-            parse("expire=1\tfolder=INBOX"),
-            Err(SubscriptionError::MissingUser)
-        );
-        assert_eq!(parse(""), Err(SubscriptionError::MissingUser));
-    }
 
     #[test]
     fn cache_lifetimes() {

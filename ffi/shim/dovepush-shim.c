@@ -1,4 +1,6 @@
-/* See include/dovepush-shim.h. Compiled with Dovecot's own include flags. */
+/* See include/dovepush-shim.h. Compiled with Dovecot's own include flags,
+ * for Dovecot 2.3 or 2.4: the few API differences are the DOVEPUSH_DOVECOT24
+ * blocks below (ffi/build.rs defines it from the version in config.h). */
 #include "lib.h"
 #include "array.h"
 #include "str.h"
@@ -17,6 +19,11 @@
 #include "time-util.h"
 #include "maildir-storage.h"
 #include "maildir-uidlist.h"
+#ifdef DOVEPUSH_DOVECOT24
+#  include "settings.h"
+#  include "settings-parser.h"
+#  include "dovepush-settings.h"
+#endif
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -90,7 +97,12 @@ static bool dovepush_can_defer(void)
 {
 	return current_ioloop != NULL && master_service != NULL &&
 		strcmp(master_service_get_name(master_service), "lmtp") == 0 &&
+#ifdef DOVEPUSH_DOVECOT24
+		/* 2.4 renamed service_count to restart_request_count. */
+		master_service_get_restart_request_count(master_service) != 1 &&
+#else
 		master_service_get_service_count(master_service) != 1 &&
+#endif
 		!master_service_is_killed(master_service);
 }
 
@@ -361,8 +373,13 @@ static void dovepush_defer(struct dovepush_txn *txn)
 
 	struct mail_user *user = txn->box->storage->user;
 
-	txn->service_ctx = user->_service_user == NULL ? NULL :
-		mail_storage_service_user_get_service_ctx(user->_service_user);
+#ifdef DOVEPUSH_DOVECOT24
+	struct mail_storage_service_user *service_user = user->service_user;
+#else
+	struct mail_storage_service_user *service_user = user->_service_user;
+#endif
+	txn->service_ctx = service_user == NULL ? NULL :
+		mail_storage_service_user_get_service_ctx(service_user);
 	txn->username = p_strdup(txn->pool, user->username);
 	txn->vname = p_strdup(txn->pool, mailbox_get_vname(txn->box));
 	if (mailbox_get_path_to(txn->box, MAILBOX_LIST_PATH_TYPE_CONTROL,
@@ -501,7 +518,10 @@ static bool dovepush_uidlist_locked(const struct dovepush_txn *txn)
    recipient (this switches to the user's uid while it is in use). */
 struct dovepush_resolver {
 	char *username;
+#ifndef DOVEPUSH_DOVECOT24
+	/* 2.4's mail user holds its service user. */
 	struct mail_storage_service_user *service_user;
+#endif
 	struct mail_user *user;
 	uid_t old_euid;
 };
@@ -510,8 +530,10 @@ static void dovepush_resolver_close(struct dovepush_resolver *r)
 {
 	if (r->user != NULL)
 		mail_user_deinit(&r->user);
+#ifndef DOVEPUSH_DOVECOT24
 	if (r->service_user != NULL)
 		mail_storage_service_user_unref(&r->service_user);
+#endif
 	i_free(r->username);
 	i_set_failure_prefix("%s(%s): ", master_service_get_name(master_service),
 			     my_pid);
@@ -534,11 +556,17 @@ dovepush_resolver_user(struct dovepush_resolver *r, struct dovepush_txn *txn)
 	r->username = i_strdup(txn->username);
 	r->old_euid = geteuid();
 	i_zero(&input);
-	input.module = input.service = master_service_get_name(master_service);
 	input.username = txn->username;
+#ifdef DOVEPUSH_DOVECOT24
+	input.service = master_service_get_name(master_service);
+	if (mail_storage_service_lookup_next(txn->service_ctx, &input,
+					     &r->user, &error) <= 0) {
+#else
+	input.module = input.service = master_service_get_name(master_service);
 	if (mail_storage_service_lookup_next(txn->service_ctx, &input,
 					     &r->service_user, &r->user,
 					     &error) <= 0) {
+#endif
 		i_error("dovepush: cannot open mail user %s to resolve UIDs: %s",
 			txn->username, error);
 		r->user = NULL;
@@ -701,31 +729,6 @@ static const struct notify_vfuncs dovepush_vfuncs = {
 	.mail_transaction_rollback = dovepush_txn_rollback,
 };
 
-static struct io *dovepush_watch_io;
-
-static void dovepush_watched_fd_readable(void *context ATTR_UNUSED)
-{
-	T_BEGIN {
-		dovepush_cb.fd_readable();
-	} T_END;
-}
-
-void dovepush_shim_watch_fd(int fd)
-{
-	struct ioloop *root = io_loop_get_root();
-	struct ioloop_context *ctx;
-
-	io_remove(&dovepush_watch_io);
-	if (fd < 0 || root == NULL)
-		return;
-	/* Like the UID timer: added with no context active, so that it does not
-	   bring back the context of the delivery that started the sender. */
-	ctx = dovepush_context_suspend(root);
-	dovepush_watch_io = io_add_to(root, fd, IO_READ,
-				      dovepush_watched_fd_readable, NULL);
-	dovepush_context_resume(ctx);
-}
-
 void dovepush_shim_register(struct module *module ATTR_UNUSED,
 			    const struct dovepush_callbacks *callbacks)
 {
@@ -738,10 +741,13 @@ void dovepush_shim_unregister(void)
 	/* Deliveries still waiting for their UIDs (the process is exiting
 	   right after a delivery). */
 	dovepush_flush_pending_unresolved();
-	io_remove(&dovepush_watch_io);
 	if (dovepush_notify_ctx != NULL) {
+#ifdef DOVEPUSH_DOVECOT24
+		notify_unregister(&dovepush_notify_ctx);
+#else
 		notify_unregister(dovepush_notify_ctx);
 		dovepush_notify_ctx = NULL;
+#endif
 	}
 }
 
@@ -750,14 +756,104 @@ const char *dovepush_shim_user_name(struct mail_user *user)
 	return user->username;
 }
 
-const char *dovepush_shim_user_setting(struct mail_user *user, const char *name)
+#ifdef DOVEPUSH_DOVECOT24
+/* A typed setting's value, as text the 2.3 parser reads (see the header). */
+static const char *
+dovepush_setting_text(const struct dovepush_settings *set,
+		      const struct setting_define *def)
 {
-	return mail_user_plugin_getenv(user, name);
+	const void *value = CONST_PTR_OFFSET(set, def->offset);
+
+	switch (def->type) {
+	case SET_BOOL:
+		return *(const bool *)value ? "yes" : "no";
+	case SET_UINT:
+		return dec2str(*(const unsigned int *)value);
+	case SET_TIME:
+		return t_strdup_printf("%us", *(const unsigned int *)value);
+	case SET_TIME_MSECS:
+		return t_strdup_printf("%ums", *(const unsigned int *)value);
+	case SET_SIZE:
+		return dec2str(*(const uoff_t *)value);
+	case SET_STR:
+	case SET_STR_NOVARS:
+		return *(const char *const *)value;
+	default:
+		/* The filter array: endpoints are the service's. */
+		return NULL;
+	}
+}
+
+int dovepush_shim_user_settings(struct mail_user *user,
+				const char *const *names,
+				const char *const **pairs_r,
+				const char **error_r)
+{
+	const struct dovepush_settings *set;
+	const struct setting_define *def;
+	ARRAY_TYPE(const_string) pairs;
+	const char *error, *value;
+
+	if (settings_get(user->event, &dovepush_setting_parser_info, 0,
+			 &set, &error) < 0) {
+		*error_r = t_strdup(error);
+		return -1;
+	}
+	t_array_init(&pairs, 32);
+	for (; *names != NULL; names++) {
+		for (def = dovepush_setting_parser_info.defines;
+		     def->key != NULL; def++) {
+			if (strcmp(def->key, *names) != 0)
+				continue;
+			value = dovepush_setting_text(set, def);
+			if (value != NULL) {
+				value = t_strdup(value);
+				array_push_back(&pairs, names);
+				array_push_back(&pairs, &value);
+			}
+			break;
+		}
+	}
+	settings_free(set);
+	/* array_front() panics on an empty array. */
+	*pairs_r = array_count(&pairs) == 0 ? NULL : array_front(&pairs);
+	return (int)array_count(&pairs) / 2;
+}
+#else
+int dovepush_shim_user_settings(struct mail_user *user,
+				const char *const *names,
+				const char *const **pairs_r,
+				const char **error_r ATTR_UNUSED)
+{
+	ARRAY_TYPE(const_string) pairs;
+	const char *value;
+
+	t_array_init(&pairs, 32);
+	for (; *names != NULL; names++) {
+		value = mail_user_plugin_getenv(user, *names);
+		if (value != NULL) {
+			array_push_back(&pairs, names);
+			array_push_back(&pairs, &value);
+		}
+	}
+	/* array_front() panics on an empty array. */
+	*pairs_r = array_count(&pairs) == 0 ? NULL : array_front(&pairs);
+	return (int)array_count(&pairs) / 2;
+}
+#endif
+
+const char *dovepush_shim_user_base_dir(struct mail_user *user)
+{
+	return user->set->base_dir;
 }
 
 bool dovepush_shim_user_mail_debug(struct mail_user *user)
 {
+#ifdef DOVEPUSH_DOVECOT24
+	return user->set->mail_debug;
+#else
 	return user->mail_debug;
+#endif
 }
 
 const char *dovepush_shim_mailbox_vname(struct mailbox *box)
@@ -810,7 +906,11 @@ int dovepush_shim_mailbox_unseen(struct mailbox *box, uint32_t *unseen_r,
 		return -1;
 	}
 	if (mail_index_refresh(box->index) < 0) {
+#ifdef DOVEPUSH_DOVECOT24
+		*error_r = t_strdup(mail_index_get_last_error(box->index, NULL));
+#else
 		*error_r = t_strdup(mail_index_get_error_message(box->index));
+#endif
 		return -1;
 	}
 	view = mail_index_view_open(box->index);

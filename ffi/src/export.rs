@@ -47,7 +47,6 @@ pub unsafe fn init<P: Plugin>(module: *mut c_void) {
             mail_saved: Some(mail_saved::<P>),
             delivery_commit: Some(delivery_commit::<P>),
             delivery_rollback: Some(delivery_rollback::<P>),
-            fd_readable: Some(fd_readable::<P>),
         };
         // SAFETY: the shim copies the callbacks; module is Dovecot's.
         unsafe { sys::dovepush_shim_register(module.cast(), &callbacks) };
@@ -125,12 +124,6 @@ unsafe extern "C" fn delivery_rollback<P: Plugin>(state: *mut c_void) {
     let delivery = unsafe { Box::from_raw(state.cast::<P::Delivery>()) };
     guard::run("delivery rollback", (), move || {
         with_plugin::<P, _>(|p| p.delivery_rollback(*delivery));
-    })
-}
-
-unsafe extern "C" fn fd_readable<P: Plugin>() {
-    guard::run("fd readable", (), || {
-        with_plugin::<P, _>(|p| p.fd_readable());
     })
 }
 

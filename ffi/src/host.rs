@@ -52,14 +52,6 @@ unsafe fn owned(ptr: *const c_char) -> Option<String> {
 }
 
 /// Log with the process's log prefix (no user context). Dovecot's thread only.
-/// Watch `fd` for reading in Dovecot's root ioloop: [`crate::Plugin::fd_readable`] runs
-/// when it has data or its peer closed it. One fd at a time (a new one replaces the
-/// old); `None` removes the watch. Remove it before closing the fd.
-pub fn watch_fd(fd: Option<std::os::fd::RawFd>) {
-    // SAFETY: called on Dovecot's thread (plugin callbacks only); the shim owns the io.
-    unsafe { sys::dovepush_shim_watch_fd(fd.unwrap_or(-1)) }
-}
-
 pub fn log_process(level: LogLevel, message: &str) {
     let text = c_text(message);
     // SAFETY: a NULL user is allowed; `text` outlives the call; Dovecot's thread.
@@ -88,11 +80,47 @@ impl<'a> User<'a> {
         unsafe { owned(sys::dovepush_shim_user_name(self.raw)) }.unwrap_or_default()
     }
 
-    /// A plugin setting (`plugin {}` or userdb field), already %-expanded.
-    pub fn setting(&self, name: &str) -> Option<String> {
-        let key = c_text(name);
-        // SAFETY: live user; `key` outlives the call; the value is copied at once.
-        unsafe { owned(sys::dovepush_shim_user_setting(self.raw, key.as_ptr())) }
+    /// The user's settings among `names` that are set, as `(name, value)` pairs: on
+    /// Dovecot 2.3 the `plugin {}` or userdb values (%-expanded), on 2.4 the typed
+    /// settings written back in a syntax 2.3 values may have (`60000ms`, `yes`). See
+    /// `dovepush_shim_user_settings` in `include/dovepush-shim.h`.
+    pub fn settings(&self, names: &[&str]) -> Result<Vec<(String, String)>, String> {
+        let keys: Vec<CString> = names.iter().map(|n| c_text(n)).collect();
+        let mut list: Vec<*const c_char> = keys.iter().map(|k| k.as_ptr()).collect();
+        list.push(std::ptr::null());
+        let mut pairs: *const *const c_char = std::ptr::null();
+        let mut error: *const c_char = std::ptr::null();
+        // SAFETY: live user; `list` is NULL-terminated and, with the strings it points
+        // to, outlives the call; the out-pointers are valid.
+        let count = unsafe {
+            sys::dovepush_shim_user_settings(self.raw, list.as_ptr(), &mut pairs, &mut error)
+        };
+        if count < 0 {
+            // SAFETY: on -1 the shim set `error` to a string valid for this callback (or
+            // left it NULL); it is copied here.
+            return Err(unsafe { owned(error) }.unwrap_or_else(|| "unknown error".into()));
+        }
+        let count = count as usize;
+        if count == 0 || pairs.is_null() {
+            return Ok(Vec::new());
+        }
+        // SAFETY: the shim returned `count` pairs, 2 * count valid C strings that live
+        // until this callback returns; each is copied before returning.
+        let texts = unsafe { std::slice::from_raw_parts(pairs, 2 * count) };
+        Ok(texts
+            .chunks_exact(2)
+            .map(|pair| {
+                // SAFETY: as above.
+                let (name, value) = unsafe { (owned(pair[0]), owned(pair[1])) };
+                (name.unwrap_or_default(), value.unwrap_or_default())
+            })
+            .collect())
+    }
+
+    /// Dovecot's `base_dir`, where the master's service sockets are.
+    pub fn base_dir(&self) -> Option<String> {
+        // SAFETY: live user; the path is copied at once.
+        unsafe { owned(sys::dovepush_shim_user_base_dir(self.raw)) }
     }
 
     /// Whether `mail_debug` is on for this user.
@@ -143,8 +171,11 @@ impl<'a> Mailbox<'a> {
             sys::dovepush_shim_server_metadata(self.raw, key.as_ptr(), &mut value, &mut error)
         };
         match ret {
+            // SAFETY: on 1 the shim set `value` to a NUL-terminated string (or left it
+            // NULL), valid until this callback returns; it is copied here.
             r if r > 0 => Ok(Some(unsafe { owned(value) }.unwrap_or_default())),
             0 => Ok(None),
+            // SAFETY: on -1 the shim set `error` likewise (or left it NULL).
             _ => Err(unsafe { owned(error) }.unwrap_or_else(|| "unknown error".into())),
         }
     }
@@ -156,6 +187,8 @@ impl<'a> Mailbox<'a> {
         // SAFETY: live mailbox; out-pointers valid; the error is copied at once.
         let ret = unsafe { sys::dovepush_shim_mailbox_unseen(self.raw, &mut unseen, &mut error) };
         if ret < 0 {
+            // SAFETY: on -1 the shim set `error` to a NUL-terminated string valid for this
+            // callback (or left it NULL); it is copied here.
             Err(unsafe { owned(error) }.unwrap_or_else(|| "unknown error".into()))
         } else {
             Ok(unseen)

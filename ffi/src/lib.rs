@@ -29,7 +29,7 @@ mod export;
 pub mod guard;
 mod host;
 
-pub use host::{log_process as log, watch_fd, Commit, LogLevel, Mailbox, SavedMail, User};
+pub use host::{log_process as log, Commit, LogLevel, Mailbox, SavedMail, User};
 
 #[doc(hidden)]
 pub mod __private {
@@ -40,6 +40,9 @@ pub mod __private {
 /// The ABI version of the Dovecot this crate was built against, e.g.
 /// `2.3.ABIv19(2.3.19.1)`. Dovecot refuses modules whose string differs up to the `(`.
 pub const DOVECOT_ABI_VERSION: &str = env!("DOVECOT_ABI_VERSION");
+
+/// The `major.minor` version of the Dovecot this crate was built against (`2.3`, `2.4`).
+pub const DOVECOT_VERSION: &str = env!("DOVECOT_VERSION");
 
 /// Dovecot's state directory (`/var/lib/dovecot` on Debian), for default paths.
 pub const DOVECOT_STATE_DIR: &str = env!("DOVECOT_STATE_DIR");
@@ -77,7 +80,4 @@ pub trait Plugin: Send + Sized + 'static {
     fn delivery_rollback(&mut self, delivery: Self::Delivery) {
         drop(delivery);
     }
-    /// The fd given to [`watch_fd`] is readable (from Dovecot's root ioloop, between
-    /// deliveries too).
-    fn fd_readable(&mut self) {}
 }

@@ -29,6 +29,8 @@ pub struct TestPki {
     ca_pem: String,
     server_der: CertificateDer<'static>,
     server_key: Vec<u8>,
+    server_pem: String,
+    server_key_pem: String,
 }
 
 impl TestPki {
@@ -65,6 +67,8 @@ impl TestPki {
             ca_key,
             server_der: server_cert.der().clone(),
             server_key: server_key.serialize_der(),
+            server_pem: server_cert.pem(),
+            server_key_pem: server_key.serialize_pem(),
         }
     }
 
@@ -78,10 +82,34 @@ impl TestPki {
         std::fs::write(path, &self.ca_pem)
     }
 
+    /// The server certificate (for `localhost` and `127.0.0.1`) and its key, PEM: for
+    /// servers the tests run themselves (a private PostgreSQL with TLS).
+    pub fn server_cert(&self) -> ClientCert {
+        ClientCert {
+            cert_pem: self.server_pem.clone(),
+            key_pem: self.server_key_pem.clone(),
+        }
+    }
+
     /// A client certificate signed by the CA, e.g. CN `Apple Push Services: com.example.mail`.
     pub fn issue_client_cert(&self, common_name: &str) -> ClientCert {
+        self.issue_client_cert_expiring(common_name, std::time::Duration::from_secs(365 * 86400))
+    }
+
+    /// A client certificate like [`TestPki::issue_client_cert`] whose `notAfter` is
+    /// `valid_for` from now (whole seconds).
+    pub fn issue_client_cert_expiring(
+        &self,
+        common_name: &str,
+        valid_for: std::time::Duration,
+    ) -> ClientCert {
         let key = KeyPair::generate().expect("generate client key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+        let now = time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .expect("0 ns");
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + valid_for;
         params
             .distinguished_name
             .push(DnType::CommonName, common_name);

@@ -3,13 +3,12 @@
 //! in-flight counters, a per-connection "drop it now" signal and shutdown on drop.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -19,8 +18,6 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
-
-pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Facts about the connection a request came in on.
 #[derive(Clone)]
@@ -32,8 +29,9 @@ pub(crate) struct ConnInfo {
     pub drop_now: Arc<Notify>,
 }
 
-pub(crate) type Handler =
-    Arc<dyn Fn(ConnInfo, Request<Incoming>) -> BoxFuture<Response<Full<Bytes>>> + Send + Sync>;
+pub(crate) type Handler = Arc<
+    dyn Fn(ConnInfo, Request<Incoming>) -> BoxFuture<'static, Response<Full<Bytes>>> + Send + Sync,
+>;
 
 /// Counters shared with the mock's owner.
 #[derive(Default)]

@@ -66,6 +66,7 @@ async fn run() {
             request_timeout_secs: Some(30),
         }),
         fcm: None,
+        webpush: None,
     };
     let pusher = Arc::new(Pusher::from_config(&[app], dir.path()).expect("pusher"));
     let devices: Arc<Vec<Device>> = Arc::new(
@@ -89,6 +90,7 @@ async fn run() {
         snippet: Some("Hi all, attached the numbers".into()),
         unseen: Some(17),
         event_id: Some("0f6c1a52-6d0e-4a8c-9f3e-0a9d8d4b7e21".into()),
+        coalesced: 0,
     });
 
     let raw = RawClient::new(&ca_file, &key, &mock.url());

@@ -30,6 +30,30 @@ pub struct AppConfig {
     pub ttl_secs: Option<u64>,
     pub apns: Option<ApnsConfig>,
     pub fcm: Option<FcmConfig>,
+    pub webpush: Option<WebPushConfig>,
+}
+
+impl AppConfig {
+    /// True when the app has `[apps.apns]`, `[apps.fcm]` or `[apps.webpush]` (an app
+    /// without any may still register devices with a receiver; its pushes wait).
+    pub fn has_transport(&self) -> bool {
+        self.apns.is_some() || self.fcm.is_some() || self.webpush.is_some()
+    }
+
+    /// The device kinds the app has a transport for.
+    pub fn kinds(&self) -> Vec<crate::DeviceKind> {
+        let mut kinds = Vec::new();
+        if self.apns.is_some() {
+            kinds.push(crate::DeviceKind::Apns);
+        }
+        if self.fcm.is_some() {
+            kinds.push(crate::DeviceKind::Fcm);
+        }
+        if self.webpush.is_some() {
+            kinds.push(crate::DeviceKind::WebPush);
+        }
+        kinds
+    }
 }
 
 fn default_generic_text() -> String {
@@ -92,6 +116,17 @@ pub struct FcmConfig {
     /// Extra PEM trust roots, for both the FCM endpoint and the token endpoint.
     pub ca_file: Option<PathBuf>,
     pub request_timeout_secs: Option<u64>,
+}
+
+/// `[apps.webpush]`: Web Push with the app's VAPID key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebPushConfig {
+    /// The VAPID private key: PEM (PKCS#8 as `openssl genpkey -algorithm EC -pkeyopt
+    /// ec_paramgen_curve:P-256` writes it, or SEC1), or the raw 32-byte key in base64url.
+    pub vapid_private_key_file: PathBuf,
+    /// The operator's contact the push services see: `mailto:…` or `https://…`.
+    pub subject: String,
 }
 
 /// A configuration fault, naming the app (`[[apps]] id`), the key and, for file keys, the file.

@@ -11,14 +11,15 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::HeaderMap;
 use hyper::{Request, StatusCode};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::model::Device;
+use crate::model::{Device, DeviceKind};
 use crate::outcome::Outcome;
+use crate::webpush::{EndpointRefused, Subscription};
 
 /// The pooled client used for APNs, FCM and the OAuth token endpoint.
 pub(crate) type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -33,7 +34,7 @@ pub(crate) struct ClientIdentity {
 }
 
 /// Reads PEM trust roots; every certificate in the file is added.
-pub(crate) fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("cannot read PEM certificates: {e}"))?
         .collect::<Result<_, _>>()
@@ -115,11 +116,13 @@ pub(crate) struct Reply {
     pub body: Bytes,
 }
 
-/// Why no reply came back; all of these are worth retrying.
+/// Why no reply came back; all of these but `Refused` are worth retrying.
 #[derive(Debug)]
 pub(crate) enum ExchangeError {
     /// No connection could be made.
     Connect(String),
+    /// The (Web Push) endpoint's host resolves only to addresses the policy refuses.
+    Refused(EndpointRefused),
     /// The connection broke or the peer misbehaved mid-request.
     Connection(String),
     Timeout,
@@ -129,6 +132,7 @@ impl std::fmt::Display for ExchangeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ExchangeError::Connect(e) => write!(f, "connect: {e}"),
+            ExchangeError::Refused(e) => write!(f, "refused: {e}"),
             ExchangeError::Connection(e) => write!(f, "connection: {e}"),
             ExchangeError::Timeout => f.write_str("timed out"),
         }
@@ -140,6 +144,7 @@ impl ExchangeError {
     pub(crate) fn label(&self) -> &'static str {
         match self {
             ExchangeError::Connect(_) => "connect",
+            ExchangeError::Refused(_) => "endpoint_refused",
             ExchangeError::Connection(_) => "connection",
             ExchangeError::Timeout => "timeout",
         }
@@ -152,16 +157,31 @@ pub(crate) async fn exchange(
     req: Request<Full<Bytes>>,
     timeout: Duration,
 ) -> Result<Reply, ExchangeError> {
+    exchange_bounded(client, req, timeout, MAX_RESPONSE_BODY).await
+}
+
+/// [`exchange`] on any connector, reading at most `max_body` bytes of the reply.
+pub(crate) async fn exchange_bounded<C>(
+    client: &Client<C, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+    timeout: Duration,
+    max_body: usize,
+) -> Result<Reply, ExchangeError>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
     let work = async {
         let resp = client.request(req).await.map_err(|e| {
-            if e.is_connect() {
+            if let Some(refused) = source_of::<EndpointRefused>(&e) {
+                ExchangeError::Refused(refused.clone())
+            } else if e.is_connect() {
                 ExchangeError::Connect(error_chain(&e))
             } else {
                 ExchangeError::Connection(error_chain(&e))
             }
         })?;
         let (parts, body) = resp.into_parts();
-        let body = Limited::new(body, MAX_RESPONSE_BODY)
+        let body = Limited::new(body, max_body)
             .collect()
             .await
             .map_err(|e| ExchangeError::Connection(format!("reading response body: {e}")))?
@@ -176,6 +196,20 @@ pub(crate) async fn exchange(
         Ok(result) => result,
         Err(_) => Err(ExchangeError::Timeout),
     }
+}
+
+/// The first error of type `T` in `err`'s source chain.
+fn source_of<'e, T: std::error::Error + 'static>(
+    err: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e T> {
+    let mut at = Some(err);
+    while let Some(e) = at {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        at = e.source();
+    }
+    None
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -208,21 +242,29 @@ pub(crate) fn log_outcome(service: &str, app: &str, device: &Device, outcome: &O
     match outcome {
         Outcome::Delivered { .. } => {}
         Outcome::Drop { reason } => {
-            let token = token_hint(&device.token);
+            let token = token_hint(device);
             tracing::warn!(%app, %token, %reason, "{service} push dropped")
         }
         Outcome::CredentialsRejected { reason } => {
             tracing::error!(%app, %reason, "{service} rejected our credentials")
         }
         other => {
-            let token = token_hint(&device.token);
+            let token = token_hint(device);
             tracing::debug!(%app, %token, class = other.class(), reason = other.reason(), "{service} push not delivered")
         }
     }
 }
 
-/// A token shortened for logs: enough to find it in the store, not enough to use it.
-pub(crate) fn token_hint(token: &str) -> String {
-    let head: String = token.chars().take(8).collect();
+/// A token shortened for logs: enough to find it in the store, not enough to use it. A
+/// Web Push subscription shows its id and the endpoint's host (the rest of the URL is a
+/// capability, the keys are secret).
+pub(crate) fn token_hint(device: &Device) -> String {
+    if device.kind == DeviceKind::WebPush {
+        return match Subscription::from_token(&device.token) {
+            Ok(sub) => format!("{}@{}", sub.id(), sub.host()),
+            Err(_) => "(bad subscription)".to_owned(),
+        };
+    }
+    let head: String = device.token.chars().take(8).collect();
     format!("{head}…")
 }

@@ -60,28 +60,36 @@ impl FromStr for Privacy {
 pub enum DeviceKind {
     Apns,
     Fcm,
+    /// A browser's push subscription (RFC 8030 + RFC 8291 + VAPID).
+    #[serde(rename = "webpush")]
+    WebPush,
 }
 
 impl DeviceKind {
     /// All kinds, in label order.
-    pub const ALL: [DeviceKind; 2] = [DeviceKind::Apns, DeviceKind::Fcm];
+    pub const ALL: [DeviceKind; 3] = [DeviceKind::Apns, DeviceKind::Fcm, DeviceKind::WebPush];
 
-    /// The config/API and metric-label spelling: `apns` or `fcm`.
+    /// The config/API and metric-label spelling: `apns`, `fcm` or `webpush`.
     pub fn as_str(self) -> &'static str {
         match self {
             DeviceKind::Apns => "apns",
             DeviceKind::Fcm => "fcm",
+            DeviceKind::WebPush => "webpush",
         }
     }
 }
 
-/// A device kind word that is neither `apns` nor `fcm`.
+/// A device kind word that is not `apns`, `fcm` or `webpush`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownDeviceKind(pub String);
 
 impl fmt::Display for UnknownDeviceKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "unknown device kind {:?} (expected apns or fcm)", self.0)
+        write!(
+            f,
+            "unknown device kind {:?} (expected apns, fcm or webpush)",
+            self.0
+        )
     }
 }
 
@@ -93,6 +101,7 @@ impl FromStr for DeviceKind {
         match s {
             "apns" => Ok(DeviceKind::Apns),
             "fcm" => Ok(DeviceKind::Fcm),
+            "webpush" => Ok(DeviceKind::WebPush),
             other => Err(UnknownDeviceKind(other.to_owned())),
         }
     }
@@ -110,7 +119,9 @@ pub struct Device {
     /// The `[[apps]] id` the device registered for.
     pub app_id: String,
     pub kind: DeviceKind,
-    /// APNs hex device token or FCM registration token.
+    /// APNs hex device token, FCM registration token, or a Web Push subscription in its
+    /// canonical form (`webpush:<endpoint>|<p256dh>|<auth>`, see
+    /// [`crate::webpush::Subscription`]).
     pub token: String,
     /// Overrides the app's default privacy mode for this device.
     pub privacy: Option<Privacy>,
@@ -135,4 +146,7 @@ pub struct Notification {
     pub unseen: Option<u32>,
     /// The receiver's id for this event (also used as the APNs collapse id in full mode).
     pub event_id: Option<String>,
+    /// How many older events were folded into this one before it was sent (the caller's
+    /// bookkeeping; not sent to APNs or FCM).
+    pub coalesced: u32,
 }

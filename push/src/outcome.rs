@@ -52,18 +52,6 @@ impl Outcome {
         }
     }
 
-    /// For [`Outcome::Retry`]: how long to wait before attempt number `attempt` (1 = first
-    /// retry). Exponential from 1 s, capped at 15 min, never shorter than `Retry-After`.
-    /// `None` for every other class.
-    pub fn retry_delay(&self, attempt: u32) -> Option<Duration> {
-        let Outcome::Retry { retry_after, .. } = self else {
-            return None;
-        };
-        let exp = attempt.saturating_sub(1).min(10);
-        let backoff = Duration::from_secs(1u64 << exp).min(Duration::from_secs(15 * 60));
-        Some(retry_after.map_or(backoff, |ra| ra.max(backoff)))
-    }
-
     pub(crate) fn retry(reason: impl AsRef<str>, retry_after: Option<Duration>) -> Self {
         Outcome::Retry {
             reason: label(reason.as_ref()),
@@ -115,16 +103,5 @@ mod tests {
         assert_eq!(label("a b{c}"), "a_b_c_");
         assert_eq!(label(""), "unknown");
         assert_eq!(label(&"x".repeat(100)).len(), 48);
-    }
-
-    #[test]
-    fn retry_delay_honours_retry_after_and_caps() {
-        let r = Outcome::retry("TooManyRequests", Some(Duration::from_secs(30)));
-        assert_eq!(r.retry_delay(1), Some(Duration::from_secs(30)));
-        assert_eq!(r.retry_delay(7), Some(Duration::from_secs(64)));
-        let r = Outcome::retry("connection", None);
-        assert_eq!(r.retry_delay(1), Some(Duration::from_secs(1)));
-        assert_eq!(r.retry_delay(40), Some(Duration::from_secs(15 * 60)));
-        assert_eq!(Outcome::drop("x").retry_delay(1), None);
     }
 }

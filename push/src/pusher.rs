@@ -1,41 +1,40 @@
 //! The [`Pusher`]: built from the `[[apps]]` config, it routes each send by app id and device
-//! kind to that app's APNs or FCM sender. [`PushTransport`] is the object-safe seam the
-//! receiver holds (`Arc<dyn PushTransport>`) and fakes in its own tests.
+//! kind to that app's APNs, FCM or Web Push sender. [`Transport`] is the object-safe seam the
+//! receiver holds (`Arc<dyn Transport>`) and fakes in its own tests.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::Path;
-use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
 
 use crate::apns::{ApnsConnections, ApnsSender};
 use crate::config::{AppConfig, ConfigError};
 use crate::fcm::FcmSender;
 use crate::model::{Device, DeviceKind, Notification, Privacy};
 use crate::outcome::Outcome;
+use crate::webpush::{WebPushClient, WebPushOptions, WebPushSender};
 
-/// A boxed, sendable future, as returned by [`PushTransport::send`].
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// Sends one notification to one device. Object safe: hold it as `Arc<dyn PushTransport>`.
-pub trait PushTransport: Send + Sync {
+/// Sends one notification to one device: the one seam between whoever queues pushes (the
+/// receiver's outbox) and the providers. Object safe: hold it as `Arc<dyn Transport>`.
+/// Implementations bound their own time.
+pub trait Transport: Send + Sync {
     /// Never fails as a `Result`: every failure is an [`Outcome`] class.
     fn send<'a>(
         &'a self,
         device: &'a Device,
         notification: &'a Notification,
     ) -> BoxFuture<'a, Outcome>;
-
-    /// Whether devices of `app_id`/`kind` can be served (check at registration time).
-    fn supports(&self, app_id: &str, kind: DeviceKind) -> bool;
 }
 
 struct AppRoute {
     privacy: Privacy,
     apns: Option<ApnsSender>,
     fcm: Option<FcmSender>,
+    webpush: Option<WebPushSender>,
 }
 
-/// The APNs and FCM senders of every configured app.
+/// The APNs, FCM and Web Push senders of every configured app.
 pub struct Pusher {
     apps: HashMap<String, AppRoute>,
 }
@@ -43,9 +42,20 @@ pub struct Pusher {
 impl Pusher {
     /// Builds every app's senders. Relative file paths are resolved against `base_dir`
     /// (the directory of the receiver's config file). Reads key files; needs no runtime.
+    /// Web Push uses the default [`WebPushOptions`] (public addresses only).
     pub fn from_config(apps: &[AppConfig], base_dir: &Path) -> Result<Self, ConfigError> {
+        Self::from_config_with(apps, base_dir, &WebPushOptions::default())
+    }
+
+    /// [`Pusher::from_config`] with the receiver's `[webpush]` options.
+    pub fn from_config_with(
+        apps: &[AppConfig],
+        base_dir: &Path,
+        webpush: &WebPushOptions,
+    ) -> Result<Self, ConfigError> {
         let mut routes = HashMap::new();
         let mut connections = ApnsConnections::default();
+        let mut webpush_client: Option<Arc<WebPushClient>> = None;
         for app in apps {
             if app.id.trim().is_empty() {
                 return Err(ConfigError::invalid(
@@ -57,11 +67,11 @@ impl Pusher {
             if routes.contains_key(&app.id) {
                 return Err(ConfigError::invalid(&app.id, "apps.id", "appears twice"));
             }
-            if app.apns.is_none() && app.fcm.is_none() {
+            if !app.has_transport() {
                 return Err(ConfigError::invalid(
                     &app.id,
                     "apps.apns",
-                    "the app has neither [apps.apns] nor [apps.fcm]",
+                    "the app has none of [apps.apns], [apps.fcm] and [apps.webpush]",
                 ));
             }
             if app.ttl_secs.is_some_and(|t| t > 28 * 24 * 3600) {
@@ -84,12 +94,29 @@ impl Pusher {
                 Some(cfg) => Some(FcmSender::from_config(app, cfg, base_dir)?),
                 None => None,
             };
+            let webpush = match &app.webpush {
+                Some(cfg) => {
+                    let client = match &webpush_client {
+                        Some(client) => client.clone(),
+                        None => {
+                            let client = Arc::new(WebPushClient::new(webpush).map_err(|m| {
+                                ConfigError::invalid(&app.id, "webpush.ca_file", m)
+                            })?);
+                            webpush_client = Some(client.clone());
+                            client
+                        }
+                    };
+                    Some(WebPushSender::from_config(app, cfg, base_dir, client)?)
+                }
+                None => None,
+            };
             routes.insert(
                 app.id.clone(),
                 AppRoute {
                     privacy: app.privacy,
                     apns,
                     fcm,
+                    webpush,
                 },
             );
         }
@@ -103,23 +130,35 @@ impl Pusher {
             return Outcome::drop("unknown_app");
         };
         let privacy = device.privacy.unwrap_or(app.privacy);
-        match (device.kind, &app.apns, &app.fcm) {
-            (DeviceKind::Apns, Some(apns), _) => apns.send(device, n, privacy).await,
-            (DeviceKind::Fcm, _, Some(fcm)) => fcm.send(device, n, privacy).await,
-            (kind, _, _) => {
+        match (device.kind, &app.apns, &app.fcm, &app.webpush) {
+            (DeviceKind::Apns, Some(apns), _, _) => apns.send(device, n, privacy).await,
+            (DeviceKind::Fcm, _, Some(fcm), _) => fcm.send(device, n, privacy).await,
+            (DeviceKind::WebPush, _, _, Some(webpush)) => webpush.send(device, n, privacy).await,
+            (kind, _, _, _) => {
                 tracing::warn!(app = %device.app_id, %kind, "app has no transport for this device kind; dropped");
                 Outcome::drop("unsupported_device_kind")
             }
         }
     }
 
-    /// Configured app ids.
-    pub fn app_ids(&self) -> impl Iterator<Item = &str> {
-        self.apps.keys().map(String::as_str)
+    /// Whether devices of `app_id`/`kind` can be served (check at registration time).
+    pub fn supports(&self, app_id: &str, kind: DeviceKind) -> bool {
+        self.apps.get(app_id).is_some_and(|app| match kind {
+            DeviceKind::Apns => app.apns.is_some(),
+            DeviceKind::Fcm => app.fcm.is_some(),
+            DeviceKind::WebPush => app.webpush.is_some(),
+        })
     }
 
-    /// Provider tokens (APNs) or OAuth tokens (FCM) minted so far for `app_id`'s `kind`
-    /// (for metrics; apps sharing an Apple key share the count).
+    /// The VAPID public key of `app_id` (uncompressed P-256 point, unpadded base64url: a
+    /// browser's `applicationServerKey`), if the app has `[apps.webpush]`.
+    pub fn vapid_public_key(&self, app_id: &str) -> Option<&str> {
+        let sender = self.apps.get(app_id)?.webpush.as_ref()?;
+        Some(sender.vapid_public_key())
+    }
+
+    /// Provider tokens (APNs), OAuth tokens (FCM) or VAPID tokens (Web Push) minted so far
+    /// for `app_id`'s `kind` (for metrics; apps sharing an Apple key share the count).
     pub fn credential_mints(&self, app_id: &str, kind: DeviceKind) -> u64 {
         let Some(app) = self.apps.get(app_id) else {
             return 0;
@@ -127,23 +166,17 @@ impl Pusher {
         match kind {
             DeviceKind::Apns => app.apns.as_ref().map_or(0, ApnsSender::token_mints),
             DeviceKind::Fcm => app.fcm.as_ref().map_or(0, FcmSender::token_mints),
+            DeviceKind::WebPush => app.webpush.as_ref().map_or(0, WebPushSender::token_mints),
         }
     }
 }
 
-impl PushTransport for Pusher {
+impl Transport for Pusher {
     fn send<'a>(
         &'a self,
         device: &'a Device,
         notification: &'a Notification,
     ) -> BoxFuture<'a, Outcome> {
         Box::pin(Pusher::send(self, device, notification))
-    }
-
-    fn supports(&self, app_id: &str, kind: DeviceKind) -> bool {
-        self.apps.get(app_id).is_some_and(|app| match kind {
-            DeviceKind::Apns => app.apns.is_some(),
-            DeviceKind::Fcm => app.fcm.is_some(),
-        })
     }
 }

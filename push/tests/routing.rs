@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use dovepush_mocks::{MockApns, MockFcm, ProviderKey};
-use dovepush_push::{AppConfig, DeviceKind, Privacy, PushTransport, Pusher};
+use dovepush_push::{AppConfig, DeviceKind, Privacy, Pusher, Transport};
 use std::sync::Arc;
 
 #[tokio::test]
@@ -26,8 +26,8 @@ async fn two_apps_each_with_their_own_keys() {
     other.generic_text = "You have mail".into();
     other.apns = Some(env.apns_token(&apns, &key_b, "org.example.other"));
 
-    let pusher: Arc<dyn PushTransport> =
-        Arc::new(Pusher::from_config(&[mail, other], env.dir.path()).unwrap());
+    let pusher = Arc::new(Pusher::from_config(&[mail, other], env.dir.path()).unwrap());
+    let transport: Arc<dyn Transport> = pusher.clone();
     assert!(pusher.supports("com.example.mail", DeviceKind::Fcm));
     assert!(!pusher.supports("org.example.other", DeviceKind::Fcm));
     assert!(!pusher.supports("nope", DeviceKind::Apns));
@@ -38,7 +38,7 @@ async fn two_apps_each_with_their_own_keys() {
         ("org.example.other", DeviceKind::Apns, "bbbb"),
         ("com.example.mail", DeviceKind::Fcm, "fcm-token-1"),
     ] {
-        let outcome = pusher.send(&device(app, kind, token), &n).await;
+        let outcome = transport.send(&device(app, kind, token), &n).await;
         assert_eq!(outcome.class(), "delivered", "{app} {kind}: {outcome:?}");
     }
     let unknown = pusher
@@ -159,7 +159,7 @@ async fn config_errors_name_the_key_and_the_file() {
     let err = Pusher::from_config(std::slice::from_ref(&a), env.dir.path())
         .err()
         .unwrap();
-    assert!(err.to_string().contains("neither"), "{err}");
+    assert!(err.to_string().contains("none of"), "{err}");
     let mut with = a.clone();
     with.apns = Some(env.apns_token(&apns, &key, "t"));
     let err = Pusher::from_config(&[with.clone(), with], env.dir.path())

@@ -1,4 +1,5 @@
-//! The command line: `serve`, `check-config`, `subscriptions list`, `queue list|retry|drop`.
+//! The command line: `serve`, `check-config`, `migrate`, `subscriptions list`, `resync`,
+//! `queue list|retry|drop`, `store copy`.
 //!
 //! Exit codes: 0 success, 64 (EX_USAGE) for a bad config (every bad key named with its
 //! file), 2 for bad arguments (clap), 1 for anything else. Operator commands open the store
@@ -12,11 +13,11 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::domain::device::shorten_token;
+use crate::domain::store::{Store, UserStatus};
 use crate::domain::{format_millis, now_millis};
-use crate::store::sqlite::SqliteStore;
-use crate::store::{Store, UserStatus};
 use crate::transport::push::transports_from_config;
 use crate::transport::Transports;
+use std::sync::Arc;
 
 /// Exit code for configuration errors (sysexits EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
@@ -44,15 +45,64 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Create the store's schema, or upgrade it to this version's, and exit (`serve` does
+    /// the same at start).
+    Migrate {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Registered devices per user.
     Subscriptions {
         #[command(subcommand)]
         action: SubscriptionsCommand,
     },
+    /// Compare the registry with Dovecot's subscription METADATA and fix the users on
+    /// which they disagree (through the doveadm HTTP API, or the IMAP master user).
+    Resync {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this user.
+        #[arg(long, value_name = "U")]
+        user: Option<String>,
+        /// Only list what would change.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// The durable outbox.
     Queue {
         #[command(subcommand)]
         action: QueueCommand,
+    },
+    /// Moving a store.
+    Store {
+        #[command(subcommand)]
+        action: StoreCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy a SQLite store's devices and outbox into an empty PostgreSQL database (stop
+    /// the receiver first).
+    Copy {
+        /// The SQLite file (`[store] path` of the single-box receiver).
+        #[arg(long, value_name = "SQLITE_FILE")]
+        from: PathBuf,
+        /// postgresql://user@host[:port]/database (as `[store] url`).
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// File holding the database user's password.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        /// disable, prefer, require, verify-ca or verify-full (as `[store] sslmode`).
+        #[arg(long, default_value = "prefer")]
+        sslmode: String,
+        /// PEM CAs for verify-ca and verify-full.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -151,6 +201,15 @@ fn check_files(config: &Config) -> Result<(), ExitCode> {
         };
         problems.push((key, e.to_string()));
     }
+    // The database's CA file (the connection itself is `serve`'s business: the database
+    // may be down while the config is checked).
+    if let crate::config::StoreBackend::Postgres(pg) = &config.store.backend {
+        if let Err(e) =
+            crate::store::postgres::tls::MakeRustls::new(pg.sslmode, pg.ca_file.as_deref())
+        {
+            problems.push(("store.ca_file", e));
+        }
+    }
     if problems.is_empty() {
         return Ok(());
     }
@@ -161,11 +220,48 @@ fn check_files(config: &Config) -> Result<(), ExitCode> {
     Err(ExitCode::from(EXIT_CONFIG))
 }
 
-fn open_store(config: &Config) -> Result<SqliteStore, ExitCode> {
-    SqliteStore::open_existing(&config.store.path).map_err(|e| {
-        eprintln!("{e}");
-        ExitCode::FAILURE
-    })
+/// What `check-config` prints about the configured credentials: each one's kind, app,
+/// file and expiry (with days left), or why its certificate could not be read.
+fn credentials_table(config: &Config, now: std::time::SystemTime) -> String {
+    use crate::domain::credential_watch::CredentialWatch;
+    let watch = CredentialWatch::from_config(config, Default::default());
+    watch.refresh(now);
+    let records = watch.snapshot();
+    if records.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("credentials:\n");
+    for r in records {
+        let app = if r.app.is_empty() { "-" } else { &r.app };
+        let file = r
+            .file
+            .as_ref()
+            .map(|f| f.display().to_string())
+            .unwrap_or_default();
+        let expiry = match (&r.read_error, r.not_after, r.seconds_left(now)) {
+            (Some(e), _, _) => format!("unreadable: {e}"),
+            (None, Some(t), Some(left)) => format!(
+                "expires {} ({:.1} days)",
+                crate::domain::format_millis(t.saturating_mul(1000)),
+                left as f64 / 86_400.0
+            ),
+            _ => "does not expire".to_owned(),
+        };
+        out.push_str(&format!(
+            "  {:<20} {app:<24} {file}: {expiry}\n",
+            r.kind.as_str()
+        ));
+    }
+    out
+}
+
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ExitCode> {
+    crate::store::open_existing(&config.store)
+        .await
+        .map_err(|e| {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        })
 }
 
 /// Runs one command.
@@ -183,13 +279,31 @@ async fn run_command(command: Command) -> Result<(), ExitCode> {
             transports(&c)?;
             check_files(&c)?;
             println!("{}: OK", c.source.display());
+            print!("{}", credentials_table(&c, std::time::SystemTime::now()));
             Ok(())
         }
         Command::Serve { config } => serve(load(&config)?).await,
+        Command::Migrate { config } => {
+            let c = load(&config)?;
+            let migrated = crate::store::migrate(&c.store).await.map_err(|e| {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            })?;
+            let store = c.store.describe();
+            if migrated.from == migrated.to {
+                println!("{store}: schema is at version {} already", migrated.to);
+            } else {
+                println!(
+                    "{store}: schema migrated from version {} to {}",
+                    migrated.from, migrated.to
+                );
+            }
+            Ok(())
+        }
         Command::Subscriptions {
             action: SubscriptionsCommand::List { config, user, json },
         } => {
-            let store = open_store(&load(&config)?)?;
+            let store = open_store(&load(&config)?).await?;
             let users = store.subscriptions(user).await.map_err(|e| {
                 eprintln!("{e}");
                 ExitCode::FAILURE
@@ -202,8 +316,151 @@ async fn run_command(command: Command) -> Result<(), ExitCode> {
             }
             Ok(())
         }
+        Command::Resync {
+            config,
+            user,
+            dry_run,
+            json,
+        } => resync(&load(&config)?, user.as_deref(), dry_run, json).await,
         Command::Queue { action } => queue(action).await,
+        Command::Store {
+            action:
+                StoreCommand::Copy {
+                    from,
+                    to,
+                    password_file,
+                    sslmode,
+                    ca_file,
+                },
+        } => store_copy(from, to, password_file, &sslmode, ca_file).await,
     }
+}
+
+async fn resync(
+    config: &Config,
+    user: Option<&str>,
+    dry_run: bool,
+    json: bool,
+) -> Result<(), ExitCode> {
+    use crate::domain::resync::{find_drift, fix};
+    let directory = match crate::directory::from_config(&config.dovecot) {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            eprintln!(
+                "{}: resync needs `dovecot.doveadm_url` (doveadm HTTP API) or `dovecot.master_user`",
+                config.source.display()
+            );
+            return Err(ExitCode::from(EXIT_CONFIG));
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return Err(ExitCode::FAILURE);
+        }
+    };
+    let store = open_store(config).await?;
+    let drift = find_drift(store.as_ref(), directory.as_ref(), user)
+        .await
+        .map_err(|e| {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        })?;
+    let results = if dry_run {
+        Vec::new()
+    } else {
+        fix(store.as_ref(), directory.as_ref(), &drift).await
+    };
+    if json {
+        let mut v = crate::http::status::drift_json(directory.name(), &drift);
+        v["applied"] = (!dry_run).into();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        print!("{}", drift_table(&drift, &results, dry_run));
+    }
+    if results.iter().any(Result::is_err) {
+        return Err(ExitCode::FAILURE);
+    }
+    Ok(())
+}
+
+/// `user registry dovecot action` rows (action marked done, failed, or to do).
+fn drift_table(
+    drift: &[crate::domain::resync::Drift],
+    results: &[Result<(), crate::domain::resync::ResyncError>],
+    dry_run: bool,
+) -> String {
+    let mut out = format!(
+        "{:<32} {:<10} {:<40} ACTION\n",
+        "USER", "REGISTRY", "DOVECOT"
+    );
+    for (i, d) in drift.iter().enumerate() {
+        let state = match (dry_run, results.get(i)) {
+            (true, _) | (false, None) => "(dry run)".to_owned(),
+            (false, Some(Ok(()))) => "done".to_owned(),
+            (false, Some(Err(e))) => format!("FAILED: {e}"),
+        };
+        out.push_str(&format!(
+            "{:<32} {:<10} {:<40} {} {state}\n",
+            d.user,
+            format!("{} device(s)", d.devices),
+            d.dovecot.as_deref().unwrap_or("-"),
+            d.action.describe(),
+        ));
+    }
+    if drift.is_empty() {
+        out.push_str("(registry and Dovecot agree)\n");
+    }
+    out
+}
+
+async fn store_copy(
+    from: PathBuf,
+    to: String,
+    password_file: Option<PathBuf>,
+    sslmode: &str,
+    ca_file: Option<PathBuf>,
+) -> Result<(), ExitCode> {
+    // The target is checked as the config file's `[store]` would be.
+    let mut text = format!(
+        "[store]\nurl = {}\nsslmode = {}\n",
+        toml_str(&to),
+        toml_str(sslmode)
+    );
+    if let Some(f) = &password_file {
+        text.push_str(&format!(
+            "password_file = {}\n",
+            toml_str(&f.display().to_string())
+        ));
+    }
+    if let Some(f) = &ca_file {
+        text.push_str(&format!(
+            "ca_file = {}\n",
+            toml_str(&f.display().to_string())
+        ));
+    }
+    let target = crate::config::Config::parse_store(&text).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    let copied = crate::store::copy::sqlite_to_postgres(&from, &target)
+        .await
+        .map_err(|e| {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        })?;
+    println!(
+        "copied {} devices, {} users with a last error and {} outbox items from {} to {}",
+        copied.devices,
+        copied.users,
+        copied.items,
+        from.display(),
+        target.url
+    );
+    Ok(())
+}
+
+/// `s` as a TOML string.
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
 }
 
 async fn serve(config: Config) -> Result<(), ExitCode> {
@@ -256,7 +513,7 @@ async fn shutdown_signal() {
 }
 
 async fn queue(action: QueueCommand) -> Result<(), ExitCode> {
-    let fail = |e: crate::store::StoreError| {
+    let fail = |e: crate::domain::store::StoreError| {
         eprintln!("{e}");
         ExitCode::FAILURE
     };
@@ -266,7 +523,7 @@ async fn queue(action: QueueCommand) -> Result<(), ExitCode> {
             limit,
             json,
         } => {
-            let store = open_store(&load(&config)?)?;
+            let store = open_store(&load(&config)?).await?;
             let items = store.queue_list(limit).await.map_err(fail)?;
             if json {
                 let v: Vec<_> = items
@@ -318,7 +575,7 @@ async fn queue(action: QueueCommand) -> Result<(), ExitCode> {
             Ok(())
         }
         QueueCommand::Retry { id, config } => {
-            let store = open_store(&load(&config)?)?;
+            let store = open_store(&load(&config)?).await?;
             if store.queue_retry(id, now_millis()).await.map_err(fail)? {
                 println!("item {id} is due now");
                 Ok(())
@@ -328,7 +585,7 @@ async fn queue(action: QueueCommand) -> Result<(), ExitCode> {
             }
         }
         QueueCommand::Drop { id, config } => {
-            let store = open_store(&load(&config)?)?;
+            let store = open_store(&load(&config)?).await?;
             if store.queue_drop(id).await.map_err(fail)? {
                 println!("item {id} dropped");
                 Ok(())
@@ -373,9 +630,9 @@ pub fn subscriptions_table(users: &[UserStatus]) -> String {
         for d in &u.devices {
             rows.push(vec![
                 u.user.clone(),
-                d.app.clone(),
-                d.transport.as_str().to_owned(),
-                shorten_token(&d.token),
+                d.device.app_id.clone(),
+                d.device.kind.as_str().to_owned(),
+                shorten_token(&d.device.token),
                 format_millis(d.created_at),
                 opt_time(d.last_success_at),
                 d.last_error
@@ -410,9 +667,9 @@ fn table(rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::device::Device;
-    use crate::transport::TransportKind;
+    use crate::domain::device::RegisteredDevice;
     use clap::CommandFactory;
+    use dovepush_push::DeviceKind;
 
     #[test]
     fn cli_definition_is_valid() {
@@ -452,9 +709,13 @@ mod tests {
                 user: "alice".into(),
                 last_error: None,
                 last_error_at: None,
-                devices: vec![Device {
+                devices: vec![RegisteredDevice {
                     pending: 2,
-                    ..Device::for_tests("alice", TransportKind::Apns, "0123456789abcdef0123456789")
+                    ..RegisteredDevice::for_tests(
+                        "alice",
+                        DeviceKind::Apns,
+                        "0123456789abcdef0123456789",
+                    )
                 }],
             },
             UserStatus {

@@ -9,25 +9,36 @@
 //!   run / run_with ──► http  (hyper: routing, auth, body limits, JSON errors)
 //!                       │
 //!                       ▼
-//!                     domain (events, devices, fan-out, registry, ingest, outbox)
+//!                     domain (events, devices, registry, ingest, outbox; owns the
+//!                       ▲      Store port: domain::store)
 //!                       │            │                 │
-//!                       ▼            ▼                 ▼
-//!                     store       transport         mailserver
-//!                  (trait +     (trait + Outcome;   (trait + IMAP via async-imap:
-//!                   SQLite)      injected)           logins, METADATA)
+//!                     store          ▼                 ▼
+//!                  (SQLite,      transport          mailserver
+//!                   implements   (app/kind →        (trait + IMAP via async-imap:
+//!                   the port)    dovepush-push       logins, METADATA)
+//!                                Transport)
+//!
+//!   directory ─► doveadm (HTTP API) | mailserver (master user): the resync port
+//!                (domain::resync::SubscriptionDirectory)
 //! ```
 //!
 //! `config` turns the TOML file into typed values; `telemetry` owns the metrics registry
-//! and tracing set-up. Lower layers never depend on higher ones: `store` and `transport`
-//! know nothing of HTTP, and the domain knows no provider or SQL details beyond the traits.
+//! and tracing set-up. Dependencies point one way: the domain defines the persistence port
+//! and `store` implements it, the transports and the outcome they return are
+//! dovepush-push's, and nothing below `http` knows HTTP. `tests/layering.rs` fails on an
+//! import cycle between modules.
 //!
 //! The library entry point is [`run`] (or [`run_with`] to inject the mail server). Both
 //! take an already bound listener, so tests bind port 0, the transports (the real ones:
 //! [`transport::push::transports_from_config`]) and a shutdown future.
 
+#![forbid(unsafe_code)]
+
 pub mod cli;
 pub mod config;
+pub mod directory;
 pub mod domain;
+pub mod doveadm;
 pub mod http;
 pub mod mailserver;
 pub mod store;
@@ -37,23 +48,23 @@ pub mod transport;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::sync::atomic::AtomicBool;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use config::{Config, TlsFiles};
+use domain::credential_watch::{self, CredentialWatch};
 use domain::credentials::CredentialCache;
 use domain::ingest::Ingest;
-use domain::outbox::{Dispatcher, RetryPolicy, SEND_TIMEOUT};
+use domain::outbox::{Dispatcher, HandOver, RetryPolicy, SEND_TIMEOUT};
 use domain::registry::Registry;
+use domain::resync::SubscriptionDirectory;
+use domain::store::{Store, StoreError};
 use mailserver::{ImapMailServer, MailError, MailServer};
-use store::sqlite::SqliteStore;
-use store::{HandOver, SendSlots, Store, StoreError};
 use telemetry::Metrics;
 use transport::Transports;
 
@@ -92,18 +103,25 @@ pub async fn run_with(
     mail: Arc<dyn MailServer>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
+    let directory = directory::from_config(&config.dovecot)?;
+    run_with_directory(listener, config, transports, mail, directory, shutdown).await
+}
+
+/// [`run_with`] with an injected [`SubscriptionDirectory`] (for `/v1/status/drift`)
+/// instead of the one `[dovecot]` configures.
+pub async fn run_with_directory(
+    listener: TcpListener,
+    config: Config,
+    transports: Transports,
+    mail: Arc<dyn MailServer>,
+    directory: Option<Arc<dyn SubscriptionDirectory>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
     let tls = config.server.tls.as_ref().map(server_tls).transpose()?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
+    let store: Arc<dyn Store> = store::open(&config.store).await?;
     let metrics = Arc::new(Metrics::with_push_outcomes(transports.push_outcomes()));
     let wake = Arc::new(Notify::new());
-    let slots: SendSlots = Arc::new(Semaphore::new(config.outbox.concurrency));
-    let (direct_tx, direct_rx) = mpsc::unbounded_channel();
-    let backlog = Arc::new(AtomicBool::new(false));
-    let hand_over = HandOver {
-        slots: slots.clone(),
-        to: direct_tx,
-        backlog: backlog.clone(),
-    };
+    let (hand_over, handed) = HandOver::new(Arc::new(Semaphore::new(config.outbox.concurrency)));
     if transports.is_empty() {
         tracing::warn!("No push transports configured: pushes stay queued until their deadline.");
     }
@@ -117,14 +135,7 @@ pub async fn run_with(
         .apps
         .iter()
         .filter(|a| a.has_transport())
-        .map(|a| {
-            let kinds = [
-                (a.push.apns.is_some(), transport::TransportKind::Apns),
-                (a.push.fcm.is_some(), transport::TransportKind::Fcm),
-            ];
-            let kinds = kinds.iter().filter(|(on, _)| *on).map(|(_, k)| *k);
-            (a.id.clone(), kinds.collect::<Vec<_>>())
-        })
+        .map(|a| (a.id.clone(), a.kinds()))
         .collect();
     let registry = Registry::new(
         store.clone(),
@@ -132,8 +143,16 @@ pub async fn run_with(
         CredentialCache::new(config.dovecot.auth_cache),
         apps,
     )
-    .with_app_transports(app_transports);
+    .with_app_transports(app_transports)
+    .with_max_concurrent_logins(config.devices.max_concurrent_logins)
+    .with_webpush_guard(
+        config.webpush.policy(),
+        Arc::new(dovepush_push::webpush::SystemResolver),
+    );
+    let vapid_keys = transports.vapid_keys().clone();
     let user_locks = registry.user_locks();
+    let credentials = Arc::new(CredentialWatch::from_config(&config, metrics.clone()));
+    credentials.refresh(SystemTime::now());
     let state = Arc::new(http::AppState {
         notify_user: config.notify.username.clone(),
         notify_password: config.notify.password.clone(),
@@ -143,11 +162,21 @@ pub async fn run_with(
             metrics.clone(),
             config.outbox.coalesce,
             wake.clone(),
-            hand_over,
+            hand_over.clone(),
         ),
         registry,
         store: store.clone(),
         metrics: metrics.clone(),
+        server: config.server.clone(),
+        throttle: domain::throttle::LoginThrottle::new(domain::throttle::ThrottleSettings {
+            max_failures: config.devices.max_failed_logins,
+            failure_delay: config.devices.failure_delay,
+            lock: config.devices.lock,
+        }),
+        oauth_user_claim: config.dovecot.oauth_user_claim.clone(),
+        credentials: credentials.clone(),
+        directory,
+        vapid_keys,
     });
     let dispatcher = Dispatcher {
         user_locks,
@@ -157,21 +186,22 @@ pub async fn run_with(
         metrics,
         mail,
         wake,
-        slots,
-        backlog,
+        hand_over,
         concurrency: config.outbox.concurrency,
         send_timeout: SEND_TIMEOUT,
+        credentials: credentials.clone(),
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let dispatcher = tokio::spawn(dispatcher.run(direct_rx, stop_rx.clone()));
+    let dispatcher = tokio::spawn(dispatcher.run(handed, stop_rx.clone()));
     let pruner = tokio::spawn(prune_events(
         store.clone(),
         config.store.event_retention,
         stop_rx.clone(),
     ));
+    let watcher = tokio::spawn(refresh_credentials(credentials, stop_rx.clone()));
     let addr = listener.local_addr().ok();
-    tracing::info!(address = ?addr, tls = tls.is_some(), store = %config.store.path.display(), "Receiver running.");
+    tracing::info!(address = ?addr, tls = tls.is_some(), store = %config.store.describe(), "Receiver running.");
     let server = tokio::spawn(http::serve(listener, tls, state, stop_rx));
 
     shutdown.await;
@@ -180,7 +210,21 @@ pub async fn run_with(
     let _ = server.await;
     let _ = dispatcher.await;
     let _ = pruner.await;
+    let _ = watcher.await;
+    // What the dispatcher left in flight goes back to the other receivers now.
+    store.close().await;
     Ok(())
+}
+
+/// Re-reads the watched certificates daily (the first read happened at start).
+async fn refresh_credentials(credentials: Arc<CredentialWatch>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(credential_watch::REFRESH_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        credentials.refresh(SystemTime::now());
+    }
 }
 
 async fn prune_events(store: Arc<dyn Store>, retention: Duration, mut stop: watch::Receiver<bool>) {

@@ -1,5 +1,7 @@
-//! The mail server seam: checking a user's own mail credentials with an IMAP login, and
-//! setting or clearing the ox subscription METADATA in that same IMAP session.
+//! The mail server seam: checking a user's own mail credentials with an IMAP login (a
+//! password, or an OAuth bearer token passed on with `AUTHENTICATE OAUTHBEARER`/`XOAUTH2`
+//! for Dovecot's `oauth2` passdb to judge), and setting or clearing the ox subscription
+//! METADATA in that same IMAP session.
 //!
 //! [`MailServer`] is the trait the HTTP layer and the outbox use; [`ImapMailServer`] is
 //! the real one (async-imap over plain TCP, STARTTLS or implicit TLS with rustls/ring).
@@ -7,6 +9,7 @@
 //! facility ([`setmetadata_command`] builds it); responses are still parsed by async-imap.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -19,16 +22,82 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{split_host_port, DovecotConfig, ImapTls, Secret};
-use crate::store::BoxFuture;
+use crate::config::{split_host_port, DovecotConfig, ImapTls, OAuthMechanism, Secret};
+use futures_util::future::BoxFuture;
 
 /// The server METADATA entry the ox driver (and the dovepush plugin) reads.
-pub const METADATA_ENTRY: &str = "/private/vendor/vendor.dovecot/http-notify";
+pub use dovepush_protocol::subscription::METADATA_ENTRY;
 
 /// The subscription value written for a login (`user=<login>`): with the plugin's
 /// `user_from_metadata`, events then carry exactly this login.
 pub fn subscription_value(login: &str) -> String {
-    format!("user={login}")
+    dovepush_protocol::subscription::Subscription {
+        user: login.to_string(),
+    }
+    .value()
+}
+
+/// What a user proves who they are with. Never printed: `Debug` shows only the kind.
+#[derive(Clone, PartialEq, Eq)]
+pub enum MailCredential {
+    /// The mail password (IMAP `LOGIN`).
+    Password(String),
+    /// An OAuth 2.0 access token (IMAP `AUTHENTICATE OAUTHBEARER` or `XOAUTH2`); the
+    /// receiver never judges it, Dovecot's `oauth2` passdb does.
+    Bearer(String),
+}
+
+impl MailCredential {
+    /// The secret itself.
+    pub fn secret(&self) -> &str {
+        match self {
+            MailCredential::Password(s) | MailCredential::Bearer(s) => s,
+        }
+    }
+
+    /// `password` or `bearer`, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MailCredential::Password(_) => "password",
+            MailCredential::Bearer(_) => "bearer",
+        }
+    }
+
+    /// Worth asking the mail server about: not empty, and a bearer token of visible
+    /// ASCII only (it goes into a SASL message; RFC 6750's `b64token` is narrower still).
+    pub fn is_plausible(&self) -> bool {
+        match self {
+            MailCredential::Password(p) => !p.is_empty(),
+            MailCredential::Bearer(t) => {
+                !t.is_empty()
+                    && t.len() <= MAX_BEARER_TOKEN
+                    && t.bytes().all(|b| b.is_ascii_graphic())
+            }
+        }
+    }
+}
+
+impl fmt::Debug for MailCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MailCredential::{}(***)", self.kind())
+    }
+}
+
+/// Longest bearer token passed on (JWTs from common identity providers stay well below).
+pub const MAX_BEARER_TOKEN: usize = 8192;
+
+/// The SASL initial response carrying `token` for `user`: RFC 7628's GS2 header with the
+/// authorization identity (`,` and `=` escaped) and `auth=Bearer`, or XOAUTH2's form.
+pub fn bearer_initial_response(mechanism: OAuthMechanism, user: &str, token: &str) -> Vec<u8> {
+    match mechanism {
+        OAuthMechanism::OAuthBearer => {
+            let user = user.replace('=', "=3D").replace(',', "=2C");
+            format!("n,a={user},\x01auth=Bearer {token}\x01\x01").into_bytes()
+        }
+        OAuthMechanism::XOAuth2 => {
+            format!("user={user}\x01auth=Bearer {token}\x01\x01").into_bytes()
+        }
+    }
 }
 
 /// What to do with the subscription in the session that checks the credentials.
@@ -57,12 +126,16 @@ pub enum MailError {
 
 /// Verifies mail credentials and manages the subscription METADATA.
 pub trait MailServer: Send + Sync {
-    /// Logs in as `login` with `password`; on success applies `change` in the same session.
+    /// Logs in as `login` with `credential`; on success applies `change` in the same session.
+    /// `client` is the address the request came from: Dovecot is told (IMAP `ID`
+    /// `x-originating-ip`, honoured for `login_trusted_networks`), so that its penalty for
+    /// failed logins falls on that address, not on the receiver's own.
     fn login<'a>(
         &'a self,
         login: &'a str,
-        password: &'a str,
+        credential: &'a MailCredential,
         change: SubscriptionChange,
+        client: Option<IpAddr>,
     ) -> BoxFuture<'a, Result<(), MailError>>;
 
     /// Sets the user's METADATA to NIL through the configured master user (used when a
@@ -71,6 +144,11 @@ pub trait MailServer: Send + Sync {
         &'a self,
         user: &'a str,
     ) -> BoxFuture<'a, Result<(), MailError>>;
+}
+
+/// `ID ("x-originating-ip" "<address>")`: the client a login is for.
+pub fn id_command(client: IpAddr) -> String {
+    format!("ID (\"x-originating-ip\" \"{client}\")")
 }
 
 /// `SETMETADATA "" (<entry> "<value>"|NIL)`.
@@ -103,6 +181,7 @@ pub struct ImapMailServer {
     connector: Option<(TlsConnector, ServerName<'static>)>,
     master: Option<(String, Secret)>,
     timeout: Duration,
+    oauth_mechanism: OAuthMechanism,
 }
 
 impl fmt::Debug for ImapMailServer {
@@ -112,6 +191,7 @@ impl fmt::Debug for ImapMailServer {
             .field("port", &self.port)
             .field("tls", &self.tls)
             .field("master_user", &self.master.as_ref().map(|m| &m.0))
+            .field("oauth_mechanism", &self.oauth_mechanism)
             .finish()
     }
 }
@@ -158,6 +238,7 @@ impl ImapMailServer {
             connector,
             master: cfg.master_user.clone().zip(cfg.master_password.clone()),
             timeout: cfg.timeout,
+            oauth_mechanism: cfg.oauth_mechanism,
         })
     }
 
@@ -206,32 +287,110 @@ impl ImapMailServer {
     async fn login_inner(
         &self,
         login: &str,
-        password: &str,
+        credential: &MailCredential,
         change: SubscriptionChange,
+        from: Option<IpAddr>,
     ) -> Result<(), MailError> {
-        let client = self.connect().await?;
-        let mut session = client
-            .login(login, password)
-            .await
-            .map_err(|(e, _)| classify_login_error(e))?;
+        let mut client = self.connect().await?;
+        if let Some(from) = from {
+            // Only an address: nothing a client chose goes into the command.
+            client
+                .run_command_and_check_ok(&id_command(from), None)
+                .await
+                .map_err(|e| MailError::Unavailable(e.to_string()))?;
+        }
+        let mut session = match credential {
+            MailCredential::Password(password) => client
+                .login(login, password)
+                .await
+                .map_err(|(e, _)| classify_login_error(e))?,
+            MailCredential::Bearer(token) => {
+                let auth = SaslOnce {
+                    response: bearer_initial_response(self.oauth_mechanism, login, token),
+                    on_error: match self.oauth_mechanism {
+                        // RFC 7628 §3.2.3: answer the error challenge with %x01.
+                        OAuthMechanism::OAuthBearer => vec![1],
+                        OAuthMechanism::XOAuth2 => Vec::new(),
+                    },
+                };
+                client
+                    .authenticate(self.oauth_mechanism.as_str(), auth)
+                    .await
+                    .map_err(|(e, _)| classify_login_error(e))?
+            }
+        };
         let result = apply(&mut session, &change).await;
         let _ = session.logout().await;
         result
     }
 
-    async fn clear_as_master(&self, user: &str) -> Result<(), MailError> {
+    /// Logs in as `user` through the master user (SASL PLAIN with an authorization id).
+    async fn master_session(
+        &self,
+        user: &str,
+    ) -> Result<async_imap::Session<ImapStream>, MailError> {
         let (master, password) = self.master.as_ref().ok_or(MailError::NoMasterUser)?;
         let client = self.connect().await?;
-        let plain = PlainAuth {
+        let plain = SaslOnce {
             response: format!("{user}\0{master}\0{}", password.expose()).into_bytes(),
+            on_error: Vec::new(),
         };
-        let mut session = client
+        client
             .authenticate("PLAIN", plain)
             .await
-            .map_err(|(e, _)| classify_login_error(e))?;
-        let result = apply(&mut session, &SubscriptionChange::Clear).await;
+            .map_err(|(e, _)| classify_login_error(e))
+    }
+
+    async fn change_as_master(
+        &self,
+        user: &str,
+        change: &SubscriptionChange,
+    ) -> Result<(), MailError> {
+        let mut session = self.master_session(user).await?;
+        let result = apply(&mut session, change).await;
         let _ = session.logout().await;
         result
+    }
+
+    async fn read_as_master(&self, user: &str) -> Result<Option<String>, MailError> {
+        let mut session = self.master_session(user).await?;
+        let result = session
+            .get_metadata("", "", METADATA_ENTRY)
+            .await
+            .map_err(|e| match e {
+                async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m) => {
+                    MailError::Metadata(m)
+                }
+                other => MailError::Unavailable(other.to_string()),
+            });
+        let _ = session.logout().await;
+        Ok(result?
+            .into_iter()
+            .find(|m| m.entry == METADATA_ENTRY)
+            .and_then(|m| m.value)
+            .filter(|v| !v.is_empty()))
+    }
+
+    /// The user's subscription value, read through the master user (`None` if unset).
+    pub async fn subscription_as_master(&self, user: &str) -> Result<Option<String>, MailError> {
+        tokio::time::timeout(self.timeout, self.read_as_master(user))
+            .await
+            .unwrap_or_else(|_| Err(MailError::Unavailable("IMAP timed out".into())))
+    }
+
+    /// Sets (or with `None`, clears) the user's subscription through the master user.
+    pub async fn set_subscription_as_master(
+        &self,
+        user: &str,
+        value: Option<&str>,
+    ) -> Result<(), MailError> {
+        let change = match value {
+            Some(v) => SubscriptionChange::Set(v.to_owned()),
+            None => SubscriptionChange::Clear,
+        };
+        tokio::time::timeout(self.timeout, self.change_as_master(user, &change))
+            .await
+            .unwrap_or_else(|_| Err(MailError::Unavailable("IMAP timed out".into())))
     }
 }
 
@@ -263,15 +422,22 @@ fn classify_login_error(e: async_imap::error::Error) -> MailError {
     }
 }
 
-/// SASL PLAIN with an authorization id (Dovecot master-user login).
-struct PlainAuth {
+/// A one-step SASL exchange: `response` to the server's first (empty) challenge, then
+/// `on_error` to any further one, which only a failing server sends (an OAUTHBEARER error
+/// report, after which the server answers NO).
+struct SaslOnce {
     response: Vec<u8>,
+    on_error: Vec<u8>,
 }
 
-impl async_imap::Authenticator for PlainAuth {
+impl async_imap::Authenticator for SaslOnce {
     type Response = Vec<u8>;
     fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
-        std::mem::take(&mut self.response)
+        if self.response.is_empty() {
+            self.on_error.clone()
+        } else {
+            std::mem::take(&mut self.response)
+        }
     }
 }
 
@@ -279,13 +445,17 @@ impl MailServer for ImapMailServer {
     fn login<'a>(
         &'a self,
         login: &'a str,
-        password: &'a str,
+        credential: &'a MailCredential,
         change: SubscriptionChange,
+        client: Option<IpAddr>,
     ) -> BoxFuture<'a, Result<(), MailError>> {
         Box::pin(async move {
-            tokio::time::timeout(self.timeout, self.login_inner(login, password, change))
-                .await
-                .unwrap_or_else(|_| Err(MailError::Unavailable("IMAP timed out".into())))
+            tokio::time::timeout(
+                self.timeout,
+                self.login_inner(login, credential, change, client),
+            )
+            .await
+            .unwrap_or_else(|_| Err(MailError::Unavailable("IMAP timed out".into())))
         })
     }
 
@@ -293,11 +463,7 @@ impl MailServer for ImapMailServer {
         &'a self,
         user: &'a str,
     ) -> BoxFuture<'a, Result<(), MailError>> {
-        Box::pin(async move {
-            tokio::time::timeout(self.timeout, self.clear_as_master(user))
-                .await
-                .unwrap_or_else(|_| Err(MailError::Unavailable("IMAP timed out".into())))
-        })
+        Box::pin(self.set_subscription_as_master(user, None))
     }
 }
 
@@ -361,6 +527,33 @@ mod tests {
             "SETMETADATA \"\" (/private/vendor/vendor.dovecot/http-notify NIL)"
         );
         assert_eq!(quote("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        assert_eq!(
+            id_command("192.0.2.7".parse().unwrap()),
+            "ID (\"x-originating-ip\" \"192.0.2.7\")"
+        );
+        assert_eq!(
+            id_command("2001:db8::1".parse().unwrap()),
+            "ID (\"x-originating-ip\" \"2001:db8::1\")"
+        );
+    }
+
+    #[test]
+    fn bearer_responses_and_redaction() {
+        assert_eq!(
+            bearer_initial_response(OAuthMechanism::OAuthBearer, "a,b=c", "tok"),
+            b"n,a=a=2Cb=3Dc,\x01auth=Bearer tok\x01\x01"
+        );
+        assert_eq!(
+            bearer_initial_response(OAuthMechanism::XOAuth2, "alice", "tok"),
+            b"user=alice\x01auth=Bearer tok\x01\x01"
+        );
+        let c = MailCredential::Bearer("secret-token".into());
+        assert!(!format!("{c:?}").contains("secret"));
+        assert!(c.is_plausible());
+        assert!(!MailCredential::Bearer("a b".into()).is_plausible());
+        assert!(!MailCredential::Bearer("a\x01".into()).is_plausible());
+        assert!(!MailCredential::Bearer("x".repeat(MAX_BEARER_TOKEN + 1)).is_plausible());
+        assert!(!MailCredential::Password(String::new()).is_plausible());
     }
 
     #[tokio::test]
@@ -376,10 +569,18 @@ mod tests {
             master_password: None,
             auth_cache: Duration::from_secs(1),
             timeout: Duration::from_secs(2),
+            oauth_mechanism: Default::default(),
+            oauth_user_claim: "email".into(),
+            doveadm: None,
         };
         let m = ImapMailServer::new(&cfg).unwrap();
         let err = m
-            .login("a", "b", SubscriptionChange::Keep)
+            .login(
+                "a",
+                &MailCredential::Password("b".into()),
+                SubscriptionChange::Keep,
+                None,
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, MailError::Unavailable(_)), "{err:?}");

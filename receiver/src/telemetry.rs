@@ -1,19 +1,27 @@
-//! Telemetry: the metrics registry rendered at `GET /metrics` (Prometheus text format) and
-//! the tracing subscriber set-up for the binary.
+//! Telemetry: the metrics registry rendered at `GET /metrics` (Prometheus text format
+//! 0.0.4, by `prometheus-client`) and the tracing subscriber set-up for the binary.
 //!
-//! Metrics are plain atomics owned by one [`Metrics`] value that is created by `run` and
-//! passed down (no globals). Labels come only from small fixed sets (transport kind,
-//! outcome class) or bounded ones ([`PushOutcomes`]: configured app ids and the providers'
-//! reason words, capped at [`MAX_OUTCOME_SERIES`]); user names and device tokens are never
-//! labels.
+//! Metrics are owned by one [`Metrics`] value that is created by `run` and passed down (no
+//! globals). Labels come only from small fixed sets (transport kind, outcome class) or
+//! bounded ones ([`PushOutcomes`]: configured app ids and the providers' reason words,
+//! capped at [`MAX_OUTCOME_SERIES`]); user names and device tokens are never labels.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::transport::TransportKind;
+use dovepush_push::DeviceKind;
+use prometheus_client::encoding::LabelValueEncoder;
+use prometheus_client::encoding::{prometheus_text, EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Upper bounds (seconds) of the ingest latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 12] = [
@@ -21,7 +29,7 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 ];
 
 /// Why a push did not count as sent (bounded label set).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum FailureClass {
     DeleteDevice,
     Retry,
@@ -46,72 +54,95 @@ impl FailureClass {
     }
 }
 
-/// Most distinct `dovepush_push_outcomes_total` series; further reasons count as `other`.
-pub const MAX_OUTCOME_SERIES: usize = 512;
+impl EncodeLabelValue for FailureClass {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// A transport kind as a label value (`apns`, `fcm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Kind(DeviceKind);
+
+impl EncodeLabelValue for Kind {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        encoder.write_str(self.0.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TransportLabels {
+    transport: Kind,
+}
+
+/// A watched credential: its app (empty for the receiver's own) and kind.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CredentialLabels {
+    app: String,
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FailedLabels {
+    transport: Kind,
+    reason: FailureClass,
+}
 
 /// One `dovepush_push_outcomes_total` series.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct OutcomeSeries {
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
     app: String,
-    transport: TransportKind,
+    transport: Kind,
     outcome: &'static str,
     reason: String,
 }
+
+/// Most distinct `dovepush_push_outcomes_total` series; further reasons count as `other`.
+pub const MAX_OUTCOME_SERIES: usize = 512;
 
 /// What the push providers answered, by app, transport, outcome class and the provider's
 /// reason (`Unregistered`, `BadDeviceToken`, `UNAVAILABLE`, `timeout`, `ok`, …). Recorded by
 /// the transports (see [`crate::transport::push`]), rendered with the other metrics.
 #[derive(Debug, Default)]
 pub struct PushOutcomes {
-    counts: Mutex<BTreeMap<OutcomeSeries, u64>>,
+    series: Family<OutcomeLabels, Counter>,
+    /// Series created so far (the cap's count).
+    created: AtomicUsize,
 }
 
 impl PushOutcomes {
     /// Counts one answer. `app` and `reason` are reduced to `[A-Za-z0-9_.-]` (≤ 64 chars).
-    pub fn record(&self, app: &str, transport: TransportKind, outcome: &'static str, reason: &str) {
-        let mut series = OutcomeSeries {
+    pub fn record(&self, app: &str, transport: DeviceKind, outcome: &'static str, reason: &str) {
+        let mut labels = OutcomeLabels {
             app: label_value(app),
-            transport,
+            transport: Kind(transport),
             outcome,
             reason: label_value(reason),
         };
-        let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() >= MAX_OUTCOME_SERIES && !m.contains_key(&series) {
-            series.reason = "other".to_owned();
+        if self.series.get(&labels).is_none()
+            && self.created.fetch_add(1, Ordering::Relaxed) >= MAX_OUTCOME_SERIES
+        {
+            self.created.fetch_sub(1, Ordering::Relaxed);
+            labels.reason = "other".to_owned();
         }
-        *m.entry(series).or_default() += 1;
+        self.series.get_or_create(&labels).inc();
     }
 
     /// The count of one series.
-    pub fn count(&self, app: &str, transport: TransportKind, outcome: &str, reason: &str) -> u64 {
-        let m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        m.iter()
-            .filter(|(s, _)| {
-                s.app == app
-                    && s.transport == transport
-                    && s.outcome == outcome
-                    && s.reason == reason
-            })
-            .map(|(_, v)| *v)
-            .sum()
-    }
-
-    fn render(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# HELP dovepush_push_outcomes_total Push provider answers by app, transport, outcome class and provider reason.\n# TYPE dovepush_push_outcomes_total counter"
-        );
-        let m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        for (s, v) in m.iter() {
-            let _ = writeln!(
-                out,
-                "dovepush_push_outcomes_total{{app=\"{}\",transport=\"{}\",outcome=\"{}\",reason=\"{}\"}} {v}",
-                s.app,
-                s.transport.as_str(),
-                s.outcome,
-                s.reason
-            );
-        }
+    pub fn count(
+        &self,
+        app: &str,
+        transport: DeviceKind,
+        outcome: &'static str,
+        reason: &str,
+    ) -> u64 {
+        let labels = OutcomeLabels {
+            app: app.to_owned(),
+            transport: Kind(transport),
+            outcome,
+            reason: reason.to_owned(),
+        };
+        self.series.get(&labels).map_or(0, |c| c.get())
     }
 }
 
@@ -134,167 +165,200 @@ fn label_value(raw: &str) -> String {
     out
 }
 
-/// All counters and gauges of one receiver.
-#[derive(Debug, Default)]
+/// All counters and gauges of one receiver, in one registry.
+#[derive(Debug)]
 pub struct Metrics {
-    pub ingested: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub dropped_no_device: AtomicU64,
-    pub rejected: AtomicU64,
-    pub queued: AtomicU64,
-    pub coalesced: AtomicU64,
-    sent: [AtomicU64; 2],
-    failed: Mutex<BTreeMap<(TransportKind, FailureClass), u64>>,
-    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    latency_count: AtomicU64,
-    latency_sum_micros: AtomicU64,
-    push_outcomes: Arc<PushOutcomes>,
+    registry: Registry,
+    pub ingested: Counter,
+    pub duplicates: Counter,
+    pub dropped_no_device: Counter,
+    pub rejected: Counter,
+    pub batches: Counter,
+    pub login_throttled: Counter,
+    pub connections_limited: Counter,
+    pub queued: Counter,
+    pub coalesced: Counter,
+    sent: Family<TransportLabels, Counter>,
+    /// The `sent` family's series (one per kind), so that counting a push takes no lock.
+    sent_by_kind: [Counter; DeviceKind::ALL.len()],
+    failed: Family<FailedLabels, Counter>,
+    outbox_depth: Gauge,
+    ingest_latency: Histogram,
+    credential_expiry: Family<CredentialLabels, Gauge>,
+    credential_rejected: Family<CredentialLabels, Gauge>,
 }
 
-fn kind_index(k: TransportKind) -> usize {
-    match k {
-        TransportKind::Apns => 0,
-        TransportKind::Fcm => 1,
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
 impl Metrics {
     pub fn new() -> Self {
-        Self::default()
+        Self::with_push_outcomes(Arc::default())
     }
 
     /// Metrics that also render `outcomes` (the transports' provider-outcome counters).
     pub fn with_push_outcomes(outcomes: Arc<PushOutcomes>) -> Self {
-        Self {
-            push_outcomes: outcomes,
-            ..Self::default()
+        let m = Metrics {
+            registry: Registry::default(),
+            ingested: Counter::default(),
+            duplicates: Counter::default(),
+            dropped_no_device: Counter::default(),
+            rejected: Counter::default(),
+            batches: Counter::default(),
+            login_throttled: Counter::default(),
+            connections_limited: Counter::default(),
+            queued: Counter::default(),
+            coalesced: Counter::default(),
+            sent: Family::default(),
+            sent_by_kind: Default::default(),
+            failed: Family::default(),
+            outbox_depth: Gauge::default(),
+            ingest_latency: Histogram::new(LATENCY_BUCKETS),
+            credential_expiry: Family::default(),
+            credential_rejected: Family::default(),
+        };
+        // Every kind shows, sent or not; each series is also held directly.
+        let sent_by_kind = DeviceKind::ALL.map(|k| {
+            m.sent
+                .get_or_create_owned(&TransportLabels { transport: Kind(k) })
+        });
+        let mut registry = Registry::default();
+        let counters = [
+            (
+                "dovepush_ingested",
+                "Notifications accepted and committed",
+                &m.ingested,
+            ),
+            (
+                "dovepush_ingest_duplicates",
+                "Notifications whose event id was already committed",
+                &m.duplicates,
+            ),
+            (
+                "dovepush_ingest_dropped_no_device",
+                "Notifications for users without a device following the folder",
+                &m.dropped_no_device,
+            ),
+            (
+                "dovepush_ingest_rejected",
+                "Notifications refused (bad auth, malformed or oversized body)",
+                &m.rejected,
+            ),
+            (
+                "dovepush_ingest_batches",
+                "Batch requests taken (their notifications count one by one above)",
+                &m.batches,
+            ),
+            (
+                "dovepush_login_throttled",
+                "Requests refused (429) after failed logins from their address or for their user",
+                &m.login_throttled,
+            ),
+            (
+                "dovepush_connections_limited",
+                "Times [server] max_connections was reached",
+                &m.connections_limited,
+            ),
+            ("dovepush_outbox_queued", "Outbox items created", &m.queued),
+            (
+                "dovepush_outbox_coalesced",
+                "Events folded into an already pending outbox item",
+                &m.coalesced,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(
+            "dovepush_push_sent",
+            "Pushes the provider accepted",
+            m.sent.clone(),
+        );
+        registry.register(
+            "dovepush_push_failed",
+            "Push attempts that did not deliver, by outcome class",
+            m.failed.clone(),
+        );
+        registry.register(
+            "dovepush_push_outcomes",
+            "Push provider answers by app, transport, outcome class and provider reason",
+            outcomes.series.clone(),
+        );
+        registry.register(
+            "dovepush_outbox_depth",
+            "Outbox items waiting or in flight",
+            m.outbox_depth.clone(),
+        );
+        registry.register(
+            "dovepush_credential_expiry_timestamp_seconds",
+            "When a watched certificate expires (notAfter, seconds since the epoch)",
+            m.credential_expiry.clone(),
+        );
+        registry.register(
+            "dovepush_credential_rejected",
+            "1 while a push provider rejects the app's credentials (until a push succeeds)",
+            m.credential_rejected.clone(),
+        );
+        registry.register(
+            "dovepush_ingest_latency_seconds",
+            "Ingest request latency, durable commit included",
+            m.ingest_latency.clone(),
+        );
+        Metrics {
+            registry,
+            sent_by_kind,
+            ..m
         }
     }
 
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    pub fn sent(&self, kind: DeviceKind) {
+        let index = DeviceKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        self.sent_by_kind[index].inc();
     }
 
-    pub fn sent(&self, kind: TransportKind) {
-        self.sent[kind_index(kind)].fetch_add(1, Ordering::Relaxed);
+    pub fn failed(&self, kind: DeviceKind, class: FailureClass) {
+        let labels = FailedLabels {
+            transport: Kind(kind),
+            reason: class,
+        };
+        self.failed.get_or_create(&labels).inc();
     }
 
-    pub fn sent_count(&self, kind: TransportKind) -> u64 {
-        self.sent[kind_index(kind)].load(Ordering::Relaxed)
+    /// Sets a watched certificate's `notAfter`.
+    pub fn set_credential_expiry(&self, app: &str, kind: &'static str, not_after: i64) {
+        let labels = CredentialLabels {
+            app: app.to_owned(),
+            kind,
+        };
+        self.credential_expiry.get_or_create(&labels).set(not_after);
     }
 
-    pub fn failed(&self, kind: TransportKind, class: FailureClass) {
-        let mut m = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry((kind, class)).or_default() += 1;
-    }
-
-    pub fn failed_count(&self, kind: TransportKind, class: FailureClass) -> u64 {
-        let m = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(&(kind, class)).copied().unwrap_or(0)
+    /// Sets whether a provider currently rejects a credential.
+    pub fn set_credential_rejected(&self, app: &str, kind: &'static str, rejected: bool) {
+        let labels = CredentialLabels {
+            app: app.to_owned(),
+            kind,
+        };
+        self.credential_rejected
+            .get_or_create(&labels)
+            .set(i64::from(rejected));
     }
 
     /// Records one ingest request's latency (durable commit included).
     pub fn observe_ingest(&self, d: Duration) {
-        // One counter per bucket (not cumulative); `render` accumulates.
-        let secs = d.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
-            self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.ingest_latency.observe(d.as_secs_f64());
     }
 
-    /// Prometheus text exposition; `queue_depth` is read from the store.
+    /// Prometheus text exposition ([`CONTENT_TYPE`]); `queue_depth` is read from the store.
     pub fn render(&self, queue_depth: u64) -> String {
+        self.outbox_depth
+            .set(i64::try_from(queue_depth).unwrap_or(i64::MAX));
         let mut out = String::with_capacity(4096);
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        counter(
-            "dovepush_ingested_total",
-            "Notifications accepted and committed.",
-            load(&self.ingested),
-        );
-        counter(
-            "dovepush_ingest_duplicates_total",
-            "Notifications whose event id was already committed.",
-            load(&self.duplicates),
-        );
-        counter(
-            "dovepush_ingest_dropped_no_device_total",
-            "Notifications for users without a device following the folder.",
-            load(&self.dropped_no_device),
-        );
-        counter(
-            "dovepush_ingest_rejected_total",
-            "Notifications refused (bad auth, malformed or oversized body).",
-            load(&self.rejected),
-        );
-        counter(
-            "dovepush_outbox_queued_total",
-            "Outbox items created.",
-            load(&self.queued),
-        );
-        counter(
-            "dovepush_outbox_coalesced_total",
-            "Events folded into an already pending outbox item.",
-            load(&self.coalesced),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP dovepush_push_sent_total Pushes the provider accepted.\n# TYPE dovepush_push_sent_total counter"
-        );
-        for k in TransportKind::ALL {
-            let _ = writeln!(
-                out,
-                "dovepush_push_sent_total{{transport=\"{}\"}} {}",
-                k.as_str(),
-                self.sent_count(k)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP dovepush_push_failed_total Push attempts that did not deliver, by outcome class.\n# TYPE dovepush_push_failed_total counter"
-        );
-        {
-            let m = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-            for ((k, class), v) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "dovepush_push_failed_total{{transport=\"{}\",reason=\"{}\"}} {v}",
-                    k.as_str(),
-                    class.as_str()
-                );
-            }
-        }
-        self.push_outcomes.render(&mut out);
-        let _ = writeln!(
-            out,
-            "# HELP dovepush_outbox_depth Outbox items waiting or in flight.\n# TYPE dovepush_outbox_depth gauge\ndovepush_outbox_depth {queue_depth}"
-        );
-        let _ = writeln!(
-            out,
-            "# HELP dovepush_ingest_latency_seconds Ingest request latency, durable commit included.\n# TYPE dovepush_ingest_latency_seconds histogram"
-        );
-        let mut cumulative = 0;
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += load(&self.latency_buckets[i]);
-            let _ = writeln!(
-                out,
-                "dovepush_ingest_latency_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        let count = load(&self.latency_count);
-        let _ = writeln!(
-            out,
-            "dovepush_ingest_latency_seconds_bucket{{le=\"+Inf\"}} {count}\ndovepush_ingest_latency_seconds_sum {}\ndovepush_ingest_latency_seconds_count {count}",
-            load(&self.latency_sum_micros) as f64 / 1e6
-        );
+        // Writing into a String cannot fail.
+        let _ = prometheus_text::encode(&mut out, &self.registry);
         out
     }
 }
@@ -316,16 +380,23 @@ mod tests {
     #[test]
     fn renders_counters_labels_and_histogram() {
         let m = Metrics::new();
-        Metrics::add(&m.ingested, 3);
-        m.sent(TransportKind::Fcm);
-        m.failed(TransportKind::Apns, FailureClass::Retry);
-        m.failed(TransportKind::Apns, FailureClass::Retry);
+        m.ingested.inc_by(3);
+        m.sent(DeviceKind::Fcm);
+        m.sent(DeviceKind::WebPush);
+        m.sent(DeviceKind::WebPush);
+        m.failed(DeviceKind::Apns, FailureClass::Retry);
+        m.failed(DeviceKind::Apns, FailureClass::Retry);
+        m.failed(DeviceKind::WebPush, FailureClass::DeleteDevice);
         m.observe_ingest(Duration::from_micros(700));
         m.observe_ingest(Duration::from_secs(5));
         let text = m.render(7);
         assert!(text.contains("dovepush_ingested_total 3\n"));
         assert!(text.contains("dovepush_push_sent_total{transport=\"fcm\"} 1\n"));
         assert!(text.contains("dovepush_push_sent_total{transport=\"apns\"} 0\n"));
+        assert!(text.contains("dovepush_push_sent_total{transport=\"webpush\"} 2\n"));
+        assert!(text.contains(
+            "dovepush_push_failed_total{transport=\"webpush\",reason=\"delete_device\"} 1\n"
+        ));
         assert!(
             text.contains("dovepush_push_failed_total{transport=\"apns\",reason=\"retry\"} 2\n")
         );
@@ -340,22 +411,27 @@ mod tests {
     fn provider_outcomes_are_labelled_and_bounded() {
         let outcomes = Arc::new(PushOutcomes::default());
         let m = Metrics::with_push_outcomes(outcomes.clone());
-        outcomes.record("mail", TransportKind::Apns, "delete_device", "Unregistered");
-        outcomes.record("mail", TransportKind::Apns, "delete_device", "Unregistered");
-        outcomes.record("mail", TransportKind::Fcm, "retry", "bad\"label}");
+        outcomes.record("mail", DeviceKind::Apns, "delete_device", "Unregistered");
+        outcomes.record("mail", DeviceKind::Apns, "delete_device", "Unregistered");
+        outcomes.record("mail", DeviceKind::Fcm, "retry", "bad\"label}");
         let text = m.render(0);
         assert!(text.contains(
             "dovepush_push_outcomes_total{app=\"mail\",transport=\"apns\",outcome=\"delete_device\",reason=\"Unregistered\"} 2\n"
         ), "{text}");
         assert!(text.contains("reason=\"bad_label_\"} 1\n"), "{text}");
         assert_eq!(
-            outcomes.count("mail", TransportKind::Apns, "delete_device", "Unregistered"),
+            outcomes.count("mail", DeviceKind::Apns, "delete_device", "Unregistered"),
             2
         );
         for i in 0..2 * MAX_OUTCOME_SERIES {
-            outcomes.record("mail", TransportKind::Fcm, "drop", &format!("r{i}"));
+            outcomes.record("mail", DeviceKind::Fcm, "drop", &format!("r{i}"));
         }
-        assert!(outcomes.counts.lock().unwrap().len() <= MAX_OUTCOME_SERIES + 1);
-        assert!(outcomes.count("mail", TransportKind::Fcm, "drop", "other") > 0);
+        let series = m
+            .render(0)
+            .lines()
+            .filter(|l| l.starts_with("dovepush_push_outcomes_total{"))
+            .count();
+        assert!(series <= MAX_OUTCOME_SERIES + 1);
+        assert!(outcomes.count("mail", DeviceKind::Fcm, "drop", "other") > 0);
     }
 }

@@ -6,11 +6,11 @@ mod common;
 use std::process::{Command, Output};
 
 use common::*;
+use dovepush_push::{DeviceKind, Privacy};
 use dovepush_receiver::domain::device::DeviceRegistration;
 use dovepush_receiver::domain::event::NewMailEvent;
+use dovepush_receiver::domain::store::Store;
 use dovepush_receiver::store::sqlite::SqliteStore;
-use dovepush_receiver::store::Store;
-use dovepush_receiver::transport::{Privacy, TransportKind};
 
 fn cli(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dovepush-receiver"))
@@ -182,7 +182,7 @@ async fn subscriptions_and_queue_commands() {
                     DeviceRegistration {
                         user: user.into(),
                         app: "mail".into(),
-                        transport: TransportKind::Fcm,
+                        transport: DeviceKind::Fcm,
                         token: token.into(),
                         mailboxes: vec!["INBOX".into()],
                         privacy: Privacy::Generic,
@@ -207,9 +207,10 @@ async fn subscriptions_and_queue_commands() {
                     received_at: 1_700_000_000_000,
                 },
                 4_000_000_000_000,
-                None,
+                0,
             )
             .await
+            .result
             .unwrap();
     }
 
@@ -283,4 +284,121 @@ async fn subscriptions_and_queue_commands() {
     let out = cli(&["queue", "list", "--config", other_cfg.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(!other.path().join("store.sqlite").exists());
+}
+
+#[tokio::test]
+async fn migrate_then_copy_a_sqlite_store_into_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("receiver.toml");
+    std::fs::write(&config, config_text(dir.path(), "")).unwrap();
+    let config = config.to_str().unwrap();
+    let out = cli(&["migrate", "--config", config]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("schema migrated from version 0 to 1"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = cli(&["migrate", "--config", config]);
+    assert!(text(&out.stdout).contains("at version 1 already"));
+    {
+        let store = SqliteStore::open(&dir.path().join("store.sqlite")).unwrap();
+        store
+            .register_device(
+                DeviceRegistration {
+                    user: "alice".into(),
+                    app: "mail".into(),
+                    transport: DeviceKind::Apns,
+                    token: "tok-a".into(),
+                    mailboxes: vec!["INBOX".into()],
+                    privacy: Privacy::Full,
+                },
+                1,
+            )
+            .await
+            .unwrap();
+    }
+    let pg = dovepush_testkit::postgres::shared();
+    let db = pg.fresh_database("cli").unwrap();
+    let sqlite = dir.path().join("store.sqlite");
+    let password = pg.password_file();
+    let copy = |sslmode: &str| {
+        cli(&[
+            "store",
+            "copy",
+            "--from",
+            sqlite.to_str().unwrap(),
+            "--to",
+            &pg.url(&db),
+            "--password-file",
+            password.to_str().unwrap(),
+            "--sslmode",
+            sslmode,
+        ])
+    };
+    let out = copy("never");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("`store.sslmode`"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = copy("disable");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout)
+            .starts_with("copied 1 devices, 0 users with a last error and 0 outbox items"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(
+        pg.psql(&db, "SELECT login || ' ' || token FROM devices")
+            .unwrap(),
+        "alice tok-a"
+    );
+    // The PostgreSQL store's operator commands see it.
+    std::fs::write(
+        dir.path().join("pg.toml"),
+        config_text(dir.path(), "").replace(
+            &format!("path = \"{}\"", sqlite.display()),
+            &format!(
+                "url = \"{}\"\npassword_file = \"{}\"\nsslmode = \"disable\"",
+                pg.url(&db),
+                password.display()
+            ),
+        ),
+    )
+    .unwrap();
+    let out = cli(&[
+        "subscriptions",
+        "list",
+        "--json",
+        "--config",
+        dir.path().join("pg.toml").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["user"], "alice");
+}
+
+#[test]
+fn an_unreadable_database_ca_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("receiver.toml");
+    let config = config_text(dir.path(), "").replace(
+        &format!("path = \"{}\"", dir.path().join("store.sqlite").display()),
+        "url = \"postgresql://dovepush@db.invalid/dovepush\"\nsslmode = \"verify-full\"\nca_file = \"db-ca.pem\"",
+    );
+    std::fs::write(&path, config).unwrap();
+    let out = cli(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}: `store.ca_file`: {}",
+            path.display(),
+            dir.path().join("db-ca.pem").display()
+        )),
+        "{err}"
+    );
 }

@@ -1,5 +1,5 @@
 //! The configuration reference in receiver/README.md cannot drift from the code: every
-//! `(section, key)` the config reader takes out of a table in src/config.rs is documented
+//! `(section, key)` of the config file's serde types (src/config/file.rs) is documented
 //! in the README's table, and every key the table documents is read by the code.
 //! (`[[apps]]` and its sub-tables are documented with the transports.)
 
@@ -10,24 +10,18 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{full}: {e}"))
 }
 
-/// `("server", "listen")`, … from the reader calls `r.string(&mut t, "server", "listen")`,
-/// `r.seconds(&mut t, "outbox", …)`, … in src/config.rs.
+/// `("server", "listen")`, … : the keys of the file's sections, as the serde types
+/// declare them (a secret's `_file` variant, such as `password_file` next to `password`,
+/// is not a key of its own).
 fn keys_in_code() -> BTreeSet<(String, String)> {
-    let source = read("src/config.rs");
-    let mut keys = BTreeSet::new();
-    let mut rest = source.as_str();
-    while let Some(at) = rest.find("&mut t,") {
-        rest = &rest[at + "&mut t,".len()..];
-        let mut quoted = rest.split('"').skip(1).step_by(2);
-        let between_ok = |s: &str| s.trim_start().starts_with('"');
-        if !between_ok(rest) {
-            continue;
-        }
-        if let (Some(section), Some(key)) = (quoted.next(), quoted.next()) {
-            keys.insert((section.to_string(), key.to_string()));
-        }
-    }
-    keys
+    let keys = dovepush_receiver::config::file::section_keys();
+    keys.iter()
+        .filter(|(section, key)| {
+            !key.strip_suffix("_file")
+                .is_some_and(|base| keys.contains(&(section, base)))
+        })
+        .map(|(section, key)| (section.to_string(), key.to_string()))
+        .collect()
 }
 
 /// `(section, key)` pairs of the README's table rows such as
@@ -69,7 +63,7 @@ fn readme_documents_exactly_the_keys_the_reader_takes() {
     let readme = keys_in_readme();
     assert!(
         code.len() > 10,
-        "the scan of src/config.rs found too little: {code:?}"
+        "the config types declare too little: {code:?}"
     );
     let undocumented: Vec<_> = code.difference(&readme).collect();
     let stale: Vec<_> = readme.difference(&code).collect();

@@ -1,13 +1,15 @@
 //! End to end with a real, private Dovecot (from `dovepush-testkit`): device registration
 //! authenticated by a real IMAP login sets the subscription METADATA (checked with doveadm),
 //! removing the last device sets it to NIL, and a delivery through Dovecot's stock ox
-//! driver (with `user_from_metadata`) reaches the registered device.
+//! driver (with `user_from_metadata`) reaches the registered device. The client's address
+//! reaches Dovecot (IMAP `ID`), so its failed-login penalty falls on the client.
 
 mod common;
 
 use common::*;
+use dovepush_push::DeviceKind;
 use dovepush_receiver::config::Config;
-use dovepush_receiver::transport::{TransportKind, Transports};
+use dovepush_receiver::transport::Transports;
 use dovepush_testkit::dovecot::{Dovecot, Options};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -25,26 +27,33 @@ async fn registration_sets_and_clears_metadata_and_deliveries_arrive() {
                 "ox:url=http://{NOTIFY_USER}:{NOTIFY_PASSWORD}@{addr}{NOTIFY_PATH} user_from_metadata"
             ),
         )],
+        // Dovecot believes the receiver's `ID ("x-originating-ip" …)`.
+        extra_config: "login_trusted_networks = 127.0.0.0/8\n".into(),
         ..Options::default()
     };
     let dovecot = tokio::task::spawn_blocking(move || Dovecot::start(options))
         .await
         .unwrap()
         .expect("private dovecot starts");
-    let text = config_text(dir.path(), "").replace(
-        "[outbox]",
-        &format!(
-            "[dovecot]\nimap = \"127.0.0.1:{}\"\ntls = \"none\"\n[outbox]",
-            dovecot.imap_port
-        ),
-    );
+    let text = config_text(dir.path(), "")
+        .replace(
+            "[outbox]",
+            &format!(
+                "[dovecot]\nimap = \"127.0.0.1:{}\"\ntls = \"none\"\n[outbox]",
+                dovecot.imap_port
+            ),
+        )
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1\"]",
+        );
     let cfg = Config::parse(&text, &dir.path().join("receiver.toml")).unwrap();
     let transport = RecordingTransport::new();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(dovepush_receiver::run(
         listener,
         cfg,
-        Transports::new().with_kind(TransportKind::Apns, transport.clone()),
+        Transports::new().with_kind(DeviceKind::Apns, transport.clone()),
         async {
             let _ = stopped.await;
         },
@@ -113,6 +122,187 @@ async fn registration_sets_and_clears_metadata_and_deliveries_arrive() {
     .await;
     assert_eq!(del.status, 204, "{}", del.text());
     assert_eq!(dovecot.subscription("alice").unwrap(), None);
+
+    // Behind a trusted proxy, Dovecot sees the client's address, not the receiver's.
+    let listed = request(
+        addr,
+        "GET",
+        "/v1/devices",
+        &[
+            ("authorization", &basic("bob", "bob-secret")),
+            ("x-forwarded-for", "192.0.2.44"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    let log = dovecot.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("Login: user=<bob>") && l.contains("rip=192.0.2.44")),
+        "{log}"
+    );
+
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+    drop(dovecot);
+}
+
+/// `PUT /v1/devices` with the body for an APNs device `token` of app `mail`.
+fn device_body(token: &str) -> String {
+    format!(r#"{{"app":"mail","transport":"apns","token":"{token}"}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_tokens_are_judged_by_dovecots_oauth2_passdb() {
+    use dovepush_receiver::config::OAuthMechanism;
+    use dovepush_receiver::mailserver::{
+        ImapMailServer, MailCredential, MailError, MailServer, SubscriptionChange,
+    };
+    use dovepush_testkit::oauth::{now, Issuer};
+
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let issuer = Issuer::new("https://idp.dovepush.test", "dovepush-app");
+    let options = Options {
+        oauth2: Some(issuer.clone()),
+        // Each refused token comes from a client address of its own (X-Forwarded-For,
+        // passed on with IMAP `ID`), so Dovecot's growing delay after failed logins
+        // (2 s, 6 s, 10 s, …) does not add up on one address.
+        extra_config: "login_trusted_networks = 127.0.0.0/8\n".into(),
+        ..Options::default()
+    };
+    let dovecot = tokio::task::spawn_blocking(move || Dovecot::start(options))
+        .await
+        .unwrap()
+        .expect("private dovecot starts");
+    let text = config_text(dir.path(), "")
+        .replace(
+            "[outbox]",
+            &format!(
+                "[dovecot]\nimap = \"127.0.0.1:{}\"\noauth_mechanism = \"oauthbearer\"\n[outbox]",
+                dovecot.imap_port
+            ),
+        )
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1\"]",
+        );
+    let cfg = Config::parse(&text, &dir.path().join("receiver.toml")).unwrap();
+    let imap_cfg = cfg.dovecot.clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(dovepush_receiver::run(
+        listener,
+        cfg,
+        Transports::new().with_kind(DeviceKind::Apns, RecordingTransport::new()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let clients = std::sync::atomic::AtomicU8::new(1);
+    let put = |path: &'static str, auth: String, token: &'static str| {
+        let client = format!(
+            "192.0.2.{}",
+            clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        async move {
+            request(
+                addr,
+                "PUT",
+                path,
+                &[("authorization", &auth), ("x-forwarded-for", &client)],
+                device_body(token),
+            )
+            .await
+        }
+    };
+
+    // A valid token: the user comes from its `email` claim, Dovecot accepts it, the
+    // subscription is set in that session.
+    let good = issuer.token("alice");
+    let reply = put("/v1/devices", format!("Bearer {good}"), "tok-a").await;
+    assert_eq!(reply.status, 201, "{}\n{}", reply.text(), dovecot.log());
+    assert_eq!(
+        dovecot.subscription("alice").unwrap().as_deref(),
+        Some("user=alice")
+    );
+    // Named explicitly, the same token lists alice's device.
+    let listed = request(
+        addr,
+        "GET",
+        "/v1/devices?user=alice",
+        &[("authorization", &format!("Bearer {good}"))],
+        "",
+    )
+    .await;
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    assert!(listed.text().contains("tok-a"));
+
+    // Tokens Dovecot refuses are 401 invalid_token, and store nothing.
+    let now = now();
+    let claims = |user: &str, aud: &str, exp: u64| {
+        serde_json::json!({
+            "iss": issuer.url, "aud": aud, "sub": user, "email": user,
+            "iat": now - 7200, "nbf": now - 7200, "exp": exp,
+        })
+    };
+    let forger = Issuer::new(&issuer.url, &issuer.audience);
+    let bad = [
+        (
+            "expired",
+            issuer.sign(&claims("alice", "dovepush-app", now - 3600)),
+        ),
+        (
+            "wrong audience",
+            issuer.sign(&claims("alice", "another-app", now + 3600)),
+        ),
+        ("wrong signature", forger.token("alice")),
+    ];
+    for (what, token) in bad {
+        let reply = put("/v1/devices", format!("Bearer {token}"), "tok-bad").await;
+        assert_eq!(reply.status, 401, "{what}: {}", reply.text());
+        let challenge = reply.headers["www-authenticate"].to_str().unwrap();
+        assert!(
+            challenge.contains("error=\"invalid_token\""),
+            "{what}: {challenge}"
+        );
+    }
+    // Alice's good token does not open bob's account.
+    let reply = put("/v1/devices?user=bob", format!("Bearer {good}"), "tok-b").await;
+    assert_eq!(reply.status, 401, "{}", reply.text());
+    assert_eq!(dovecot.subscription("bob").unwrap(), None);
+
+    // A password user works beside it.
+    let reply = put("/v1/devices", basic("bob", "bob-secret"), "tok-b").await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+
+    // XOAUTH2 carries the same token to the same verdicts.
+    let mut xoauth2 = imap_cfg;
+    xoauth2.oauth_mechanism = OAuthMechanism::XOAuth2;
+    let imap = ImapMailServer::new(&xoauth2).unwrap();
+    let login = |user: &'static str, token: String| {
+        let imap = &imap;
+        let client = format!(
+            "198.51.100.{}",
+            clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        async move {
+            imap.login(
+                user,
+                &MailCredential::Bearer(token),
+                SubscriptionChange::Keep,
+                client.parse().ok(),
+            )
+            .await
+        }
+    };
+    assert_eq!(login("alice", good.clone()).await, Ok(()));
+    assert_eq!(login("bob", good).await, Err(MailError::Rejected));
+    assert_eq!(
+        login("alice", forger.token("alice")).await,
+        Err(MailError::Rejected)
+    );
 
     let _ = stop.send(());
     server.await.unwrap().unwrap();

@@ -1,8 +1,9 @@
 //! Everything real, end to end: a private Dovecot with the dovepush plugin loaded, the
 //! receiver (library `run` on port 0, real IMAP login, real push transports) and the mock
 //! APNs over TLS + HTTP/2. A device registered with alice's real IMAP password sets the
-//! METADATA in Dovecot; a mail delivered over LMTP becomes exactly one APNs push whose
-//! alert shows the decoded subject and whose badge is the unseen count.
+//! METADATA in Dovecot; a mail delivered over LMTP, handed by the plugin to the sender
+//! service and batched by it to the receiver, becomes exactly one APNs push whose alert
+//! shows the decoded subject and whose badge is the unseen count.
 //!
 //! Needs root, the Debian dovecot packages and the plugin built into the same target dir
 //! (`cargo build -p dovepush-plugin`).
@@ -12,7 +13,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use dovepush_mocks::{MockApns, ProviderKey, TestPki};
 use dovepush_receiver::config::Config;
 use dovepush_receiver::transport::push::transports_from_config;
 use dovepush_testkit::dovecot::{built_plugin, Dovecot, Options};
@@ -38,6 +38,8 @@ async fn lmtp_delivery_reaches_apns_through_plugin_and_receiver() {
                 format!("http://{NOTIFY_USER}:{NOTIFY_PASSWORD}@{addr}{NOTIFY_PATH}"),
             ),
             ("dovepush_user_from_metadata".into(), "yes".into()),
+            // The sender service batches to this receiver (POST <url>/batch).
+            ("dovepush_batch".into(), "yes".into()),
             ("dovepush_spool_dir".into(), spool.display().to_string()),
         ],
         ..Options::default()
@@ -48,20 +50,7 @@ async fn lmtp_delivery_reaches_apns_through_plugin_and_receiver() {
         .expect("private dovecot starts");
 
     // The mock APNs and the receiver's `[[apps]]` pointing at it.
-    let pki = TestPki::new();
-    pki.write_ca(&dir.path().join("ca.pem")).unwrap();
-    let key = ProviderKey::generate("TEAMAAAAAA", "KEYAAAAAAA");
-    std::fs::write(dir.path().join("AuthKey.p8"), &key.p8_pem).unwrap();
-    let apns = MockApns::start(&pki, std::slice::from_ref(&key))
-        .await
-        .unwrap();
-    let app = format!(
-        "privacy = \"full\"\n[apps.apns]\ntopic = \"com.example.mail\"\nteam_id = \"{}\"\n\
-         key_id = \"{}\"\nkey_file = \"AuthKey.p8\"\nendpoint = \"{}\"\nca_file = \"ca.pem\"\n",
-        key.team_id,
-        key.key_id,
-        apns.url()
-    );
+    let (apns, app) = mock_apns_app(dir.path()).await;
     let text = config_text(dir.path(), &app).replace(
         "[outbox]",
         &format!(
@@ -116,8 +105,10 @@ async fn lmtp_delivery_reaches_apns_through_plugin_and_receiver() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Nothing else arrives (no duplicate from the plugin or the outbox).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing else arrives: the outbox is empty and one event came in (no duplicate
+    // from the plugin or the outbox).
+    let m = outbox_settled(addr).await;
+    assert!(m.contains("dovepush_ingested_total 1\n"), "{m}");
     let requests = apns.requests();
     assert_eq!(requests.len(), 1, "exactly one push");
     let push = &requests[0];
@@ -133,6 +124,10 @@ async fn lmtp_delivery_reaches_apns_through_plugin_and_receiver() {
     assert!(
         metrics.contains("dovepush_push_sent_total{transport=\"apns\"} 1\n"),
         "{metrics}"
+    );
+    assert!(
+        metrics.contains("dovepush_ingest_batches_total 1\n"),
+        "the sender service batched: {metrics}"
     );
 
     let _ = stop.send(());

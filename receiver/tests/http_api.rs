@@ -3,19 +3,27 @@
 
 mod common;
 
+on_both_stores!(
+    every_endpoint_requires_authentication,
+    users_see_and_change_only_their_own_devices,
+    malformed_and_oversized_bodies_get_json_reasons,
+    duplicate_event_ids_are_committed_once,
+    a_batch_is_committed_with_one_result_per_notification,
+);
+
 use common::*;
 use dovepush_receiver::transport::Transports;
 
-async fn start(dir: &std::path::Path) -> (Running, std::sync::Arc<FakeMail>) {
+async fn start(dir: &std::path::Path, backend: Backend) -> (Running, std::sync::Arc<FakeMail>) {
     let mail = FakeMail::with_users(&[("alice", "alice-pw"), ("bob", "bob-pw")]);
-    let running = Running::start(config(dir, ""), Transports::new(), mail.clone()).await;
+    let running =
+        Running::start(config_on(dir, "", backend), Transports::new(), mail.clone()).await;
     (running, mail)
 }
 
-#[tokio::test]
-async fn every_endpoint_requires_authentication() {
+async fn every_endpoint_requires_authentication(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let (r, _mail) = start(dir.path()).await;
+    let (r, _mail) = start(dir.path(), backend).await;
     let wrong_notify = basic(NOTIFY_USER, "wrong");
     let wrong_user = basic("alice", "wrong");
     let unknown_user = basic("mallory", "x");
@@ -67,6 +75,14 @@ async fn every_endpoint_requires_authentication() {
             "/v1/devices/tok1",
             vec![("authorization", wrong_user.as_str())],
         ),
+        ("GET", "/v1/apps/mail/vapid", vec![]),
+        (
+            "GET",
+            "/v1/apps/mail/vapid",
+            vec![("authorization", wrong_user.as_str())],
+        ),
+        // Whether an app has Web Push is no secret, but strangers learn nothing.
+        ("GET", "/v1/apps/nope/vapid", vec![]),
         ("GET", "/v1/status/subscriptions", vec![]),
         (
             "GET",
@@ -119,10 +135,9 @@ async fn every_endpoint_requires_authentication() {
     r.stop().await;
 }
 
-#[tokio::test]
-async fn users_see_and_change_only_their_own_devices() {
+async fn users_see_and_change_only_their_own_devices(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let (r, mail) = start(dir.path()).await;
+    let (r, mail) = start(dir.path(), backend).await;
     assert_eq!(
         register(r.addr, "alice", "alice-pw", "alice-token-1")
             .await
@@ -219,10 +234,9 @@ async fn users_see_and_change_only_their_own_devices() {
     r.stop().await;
 }
 
-#[tokio::test]
-async fn malformed_and_oversized_bodies_get_json_reasons() {
+async fn malformed_and_oversized_bodies_get_json_reasons(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let (r, _mail) = start(dir.path()).await;
+    let (r, _mail) = start(dir.path(), backend).await;
     let auth = notify_auth();
     let h = [("authorization", auth.as_str())];
     let cases: Vec<(String, &str)> = vec![
@@ -310,10 +324,9 @@ async fn malformed_and_oversized_bodies_get_json_reasons() {
     r.stop().await;
 }
 
-#[tokio::test]
-async fn duplicate_event_ids_are_committed_once() {
+async fn duplicate_event_ids_are_committed_once(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let (r, _mail) = start(dir.path()).await;
+    let (r, _mail) = start(dir.path(), backend).await;
     assert_eq!(
         register(r.addr, "alice", "alice-pw", "tok-a").await.status,
         201
@@ -351,8 +364,124 @@ async fn duplicate_event_ids_are_committed_once() {
         "{m}"
     );
     r.stop().await;
-    let ids =
-        dovepush_receiver::store::sqlite::inspect::event_ids(&dir.path().join("store.sqlite"))
-            .unwrap();
+    let ids = committed_event_ids(dir.path(), backend);
     assert_eq!(ids.len(), 1);
+}
+
+async fn a_batch_is_committed_with_one_result_per_notification(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _mail) = start(dir.path(), backend).await;
+    assert_eq!(
+        register(r.addr, "alice", "alice-pw", "tok-a").await.status,
+        201
+    );
+    let item = |id: &str, body: String| {
+        serde_json::json!({
+            "event_id": id,
+            "notification": serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        })
+    };
+    let batch = serde_json::json!({
+        "notifications": [
+            item("b-1", notification("alice", 1, 1)),
+            item("b-2", notification("alice", 2, 2).replace("\"INBOX\"", "3")),
+            item("has space", notification("alice", 3, 3)),
+            item("b-4", notification("alice", 4, 4)),
+            item("b-1", notification("alice", 1, 1)),
+        ]
+    })
+    .to_string();
+    let auth = notify_auth();
+    for path in [
+        "/v1/notify/batch",
+        "/preliminary/http-notify/v1/notify/batch",
+    ] {
+        let reply = request(
+            r.addr,
+            "POST",
+            path,
+            &[("authorization", &auth)],
+            batch.clone(),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+        let results = reply.json()["results"].clone();
+        let statuses: Vec<(String, u64)> = results
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["event_id"].as_str().unwrap().to_string(),
+                    r["status"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            statuses,
+            [
+                ("b-1".to_string(), 200),
+                ("b-2".to_string(), 400),
+                ("has space".to_string(), 400),
+                ("b-4".to_string(), 200),
+                ("b-1".to_string(), 200),
+            ],
+            "{path}"
+        );
+        assert!(results[1]["error"].as_str().unwrap().starts_with("folder:"));
+        assert!(results[2]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("X-Dovepush-Event-Id:"));
+    }
+    // Twice the same batch: the first b-1 and b-4 are new, every other accepted one a
+    // repeat.
+    let m = admin_get(r.addr, "/metrics").await.text();
+    assert!(m.contains("dovepush_ingested_total 2\n"), "{m}");
+    assert!(m.contains("dovepush_ingest_duplicates_total 4\n"), "{m}");
+    assert!(m.contains("dovepush_ingest_batches_total 2\n"), "{m}");
+    // Refused as a whole: not a batch, too many, wrong credentials, wrong method.
+    let not_a_batch = request(
+        r.addr,
+        "POST",
+        "/v1/notify/batch",
+        &[("authorization", &auth)],
+        "{\"x\":1}".to_string(),
+    )
+    .await;
+    assert_eq!(not_a_batch.status, 400);
+    assert_eq!(not_a_batch.json()["field"], "body");
+    let many = serde_json::json!({
+        "notifications": (0..501).map(|i| item(&format!("m{i}"), notification("alice", 9, 9))).collect::<Vec<_>>()
+    });
+    let too_many = request(
+        r.addr,
+        "POST",
+        "/v1/notify/batch",
+        &[("authorization", &auth)],
+        many.to_string(),
+    )
+    .await;
+    assert_eq!(too_many.status, 400);
+    assert_eq!(too_many.json()["field"], "notifications");
+    let wrong = basic(NOTIFY_USER, "wrong");
+    let denied = request(
+        r.addr,
+        "POST",
+        "/v1/notify/batch",
+        &[("authorization", &wrong)],
+        batch.clone(),
+    )
+    .await;
+    assert_eq!(denied.status, 401);
+    let put = request(
+        r.addr,
+        "PUT",
+        "/v1/notify/batch",
+        &[("authorization", &auth)],
+        batch,
+    )
+    .await;
+    assert_eq!(put.status, 405);
+    r.stop().await;
 }

@@ -6,114 +6,24 @@
 //! again: committed events are recognised as duplicates, the rest are added, and the store
 //! ends with exactly one event and one outbox item per notification.
 
+// Signals go out through libc: every unsafe block says why it is sound (the workspace
+// cannot turn this lint on for every crate yet, see Cargo.toml).
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use common::child::{load, seed_devices, spawn_receiver};
 use common::*;
-use dovepush_receiver::domain::device::DeviceRegistration;
-use dovepush_receiver::store::sqlite::{inspect, SqliteStore};
-use dovepush_receiver::store::Store;
-use dovepush_receiver::transport::{Privacy, TransportKind};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use dovepush_receiver::store::sqlite::inspect;
 
 const EVENTS: usize = 2000;
 const CONNECTIONS: usize = 32;
 const KILL_AFTER: usize = 600;
-
-fn spawn_receiver(config: &Path, log: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dovepush-receiver"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines
-        .next()
-        .expect("a line on stdout")
-        .expect("readable stdout");
-    let addr = first
-        .rsplit("http://")
-        .next()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
-    // Keep draining stdout so the child never blocks on it.
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    (child, addr)
-}
-
-/// Sends `ids` with `CONNECTIONS` workers; returns the ids answered 200.
-async fn load(addr: SocketAddr, ids: Vec<usize>, stop: Arc<AtomicBool>) -> Vec<usize> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let ids = Arc::new(ids);
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let mut workers = Vec::new();
-    for _ in 0..CONNECTIONS {
-        let (next, ids, acked, stop) = (next.clone(), ids.clone(), acked.clone(), stop.clone());
-        workers.push(tokio::spawn(async move {
-            let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
-                return;
-            };
-            let Ok((mut sender, conn)) =
-                hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await
-            else {
-                return;
-            };
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            let auth = notify_auth();
-            loop {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&n) = ids.get(i) else { return };
-                let req = hyper::Request::builder()
-                    .method("PUT")
-                    .uri(NOTIFY_PATH)
-                    .header("host", "localhost")
-                    .header("authorization", &auth)
-                    .header("x-dovepush-event-id", format!("ev-{n}"))
-                    .body(Full::new(Bytes::from(notification(
-                        &format!("u{n}"),
-                        n as u32,
-                        1,
-                    ))))
-                    .unwrap();
-                let Ok(resp) = sender.send_request(req).await else {
-                    return;
-                };
-                let status = resp.status();
-                let Ok(body) = resp.into_body().collect().await else {
-                    return;
-                };
-                if status == 200 && &body.to_bytes()[..] == br#"{"success":true}"# {
-                    acked.lock().unwrap().push(n);
-                }
-            }
-        }));
-    }
-    for w in workers {
-        let _ = w.await;
-    }
-    let acked = acked.lock().unwrap().clone();
-    acked
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_no_acknowledged_event() {
@@ -123,33 +33,13 @@ async fn kill_9_under_load_loses_no_acknowledged_event() {
     let store_path = dir.path().join("store.sqlite");
 
     // One device per user, so every event becomes its own outbox item.
-    {
-        let store = SqliteStore::open(&store_path).unwrap();
-        let regs: Vec<_> = (0..EVENTS)
-            .map(|n| {
-                store.register_device(
-                    DeviceRegistration {
-                        user: format!("u{n}"),
-                        app: "mail".into(),
-                        transport: TransportKind::Apns,
-                        token: format!("tok{n}"),
-                        mailboxes: vec!["INBOX".into()],
-                        privacy: Privacy::Full,
-                    },
-                    1,
-                )
-            })
-            .collect();
-        for r in futures_util::future::join_all(regs).await {
-            r.unwrap();
-        }
-    }
+    seed_devices(&store_path, EVENTS).await;
 
     let (mut child, addr) = spawn_receiver(&config_path, &dir.path().join("run1.log"));
     let stop = Arc::new(AtomicBool::new(false));
     let load_task = {
         let stop = stop.clone();
-        tokio::spawn(load(addr, (0..EVENTS).collect(), stop))
+        tokio::spawn(load(addr, (0..EVENTS).collect(), CONNECTIONS, stop))
     };
     // Kill once enough events are committed (watching the store file).
     let pid = child.id() as libc::pid_t;
@@ -205,6 +95,7 @@ async fn kill_9_under_load_loses_no_acknowledged_event() {
     let again = load(
         addr,
         (0..EVENTS).collect(),
+        CONNECTIONS,
         Arc::new(AtomicBool::new(false)),
     )
     .await;

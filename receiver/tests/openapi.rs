@@ -2,8 +2,8 @@
 //! operation is routed and authenticates with the documented scheme, answers a documented
 //! status with its documented example, every undocumented method on a documented path is
 //! 405 with an `Allow` naming exactly the documented ones, unknown paths are 404, errors
-//! have the documented `{"error", "field"}` shape, and every path the router matches is
-//! documented.
+//! have the documented `{"error", "field", "rule"}` shape, and every path the router matches
+//! is documented.
 
 mod common;
 
@@ -16,6 +16,8 @@ use serde_json::Value;
 const SPEC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml");
 const ROUTER_SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/http/mod.rs");
 const METHODS: [&str; 5] = ["GET", "PUT", "POST", "DELETE", "PATCH"];
+/// The batch ingest path that is not below the ox path.
+const BATCH_PATH: &str = "/v1/notify/batch";
 
 /// How an operation authenticates, as the document says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +25,8 @@ enum Auth {
     None,
     Basic,
     Bearer,
+    /// The device API: the user's mail password (Basic) or an OAuth token (Bearer).
+    BasicOrBearer,
 }
 
 /// One documented path + method.
@@ -85,6 +89,7 @@ fn auth_of(doc: &Value, op: &Value) -> Auth {
         [] => Auth::None,
         ["basic"] => Auth::Basic,
         ["bearer"] => Auth::Bearer,
+        ["basic", "bearer"] => Auth::BasicOrBearer,
         ref other => panic!("unexpected security schemes {other:?}"),
     }
 }
@@ -160,15 +165,21 @@ fn assert_error_shape(what: &str, reply: &Reply) {
     assert!(obj["error"].is_string(), "{what}: {v}");
     for (k, val) in obj {
         assert!(
-            k == "error" || (k == "field" && val.is_string()),
+            k == "error" || ((k == "field" || k == "rule") && val.is_string()),
             "{what}: {v}"
         );
     }
 }
 
+/// The VAPID public key the documented example shows (RFC 8291's application server key).
+const VAPID_KEY: &str =
+    "BP4z9KsN6nGRTbVYI_c7VJSPQTBtkgcy27mlmlMoZIIgDll6e3vCYLocInmYWAmS6TlzAC8wEqKK6PBru3jl7A8";
+
 async fn start(dir: &std::path::Path) -> Running {
     let mail = FakeMail::with_users(&[("alice", "alice-pw")]);
-    Running::start(config(dir, ""), Transports::new(), mail).await
+    let directory = mail.clone();
+    let transports = Transports::new().with_vapid_key("mail", VAPID_KEY);
+    Running::start_with_directory(config(dir, ""), transports, mail, Some(directory)).await
 }
 
 fn body_of(op: &Operation) -> String {
@@ -179,7 +190,7 @@ fn body_of(op: &Operation) -> String {
 }
 
 #[test]
-fn the_error_schema_is_error_and_field() {
+fn the_error_schema_is_error_field_and_rule() {
     let doc = spec();
     let error = &doc["components"]["schemas"]["Error"];
     let keys: BTreeSet<_> = error["properties"]
@@ -188,7 +199,10 @@ fn the_error_schema_is_error_and_field() {
         .keys()
         .cloned()
         .collect();
-    assert_eq!(keys, BTreeSet::from(["error".into(), "field".into()]));
+    assert_eq!(
+        keys,
+        BTreeSet::from(["error".into(), "field".into(), "rule".into()])
+    );
     assert_eq!(error["required"], serde_json::json!(["error"]));
     // Every documented error response of a JSON endpoint uses it.
     for op in operations(&doc) {
@@ -225,13 +239,13 @@ async fn every_documented_operation_is_routed_and_authenticated_as_documented() 
         );
         match op.auth {
             Auth::None => assert_eq!(reply.status, 200, "{what}"),
-            Auth::Basic | Auth::Bearer => {
+            Auth::Basic | Auth::Bearer | Auth::BasicOrBearer => {
                 assert_eq!(reply.status, 401, "{what}: {}", reply.text());
                 let challenge = reply.headers["www-authenticate"].to_str().unwrap();
-                let scheme = if op.auth == Auth::Basic {
-                    "Basic "
-                } else {
+                let scheme = if op.auth == Auth::Bearer {
                     "Bearer "
+                } else {
+                    "Basic "
                 };
                 assert!(challenge.starts_with(scheme), "{what}: {challenge}");
                 assert_error_shape(&what, &reply);
@@ -261,8 +275,10 @@ async fn documented_examples_get_documented_answers() {
         let authorization = match op.auth {
             Auth::None => None,
             Auth::Bearer => Some(admin.as_str()),
-            Auth::Basic if op.template == NOTIFY_PATH => Some(notify.as_str()),
-            Auth::Basic => Some(alice.as_str()),
+            Auth::Basic if op.template.starts_with(NOTIFY_PATH) || op.template == BATCH_PATH => {
+                Some(notify.as_str())
+            }
+            Auth::Basic | Auth::BasicOrBearer => Some(alice.as_str()),
         };
         let mut headers = vec![("content-type", "application/json")];
         headers.extend(authorization.map(|a| ("authorization", a)));
@@ -298,6 +314,9 @@ async fn documented_examples_get_documented_answers() {
 /// array items).
 fn check_required(doc: &Value, what: &str, schema: &Value, value: &Value) {
     let schema = resolve(doc, schema);
+    if value.is_null() && schema["nullable"] == true {
+        return;
+    }
     match schema["type"].as_str() {
         Some("object") => {
             let obj = value
@@ -366,6 +385,10 @@ async fn unknown_paths_are_404() {
         "/v1",
         "/v1/device",
         "/v1/devicesx",
+        "/v1/apps/mail",
+        "/v1/apps//vapid",
+        "/v1/apps/mail/vapid/x",
+        "/v1/apps/a/b/vapid",
         "/v1/status",
         "/v1/status/subscriptions/alice",
         "/metrics/",
@@ -385,7 +408,8 @@ async fn unknown_paths_are_404() {
 }
 
 /// The path literals `route()` in `src/http/mod.rs` matches, plus the ingest path constant.
-/// A literal ending in `/` is a prefix route (`/v1/devices/{token}`).
+/// A literal ending in `/` is a prefix route (`/v1/devices/{token}`,
+/// `/v1/apps/{app}/vapid`).
 ///
 /// Reads the router's source because the routes are a `match`, not data; when `http`
 /// exposes a route table, compare against that instead.
@@ -419,10 +443,11 @@ fn every_router_path_is_documented() {
     assert!(routed.len() >= 6, "{routed:?}");
     for path in &routed {
         let covered = documented.iter().any(|d| match path.strip_suffix('/') {
-            // A prefix route: documented as `<prefix>/{param}`.
-            Some(_) => d
-                .strip_prefix(path.as_str())
-                .is_some_and(|rest| rest.starts_with('{') && rest.ends_with('}')),
+            // A prefix route: documented as `<prefix>{param}`, perhaps with more after it.
+            Some(_) => d.strip_prefix(path.as_str()).is_some_and(|rest| {
+                let param = rest.split('/').next().unwrap_or_default();
+                param.starts_with('{') && param.ends_with('}')
+            }),
             None => d.as_str() == path,
         });
         assert!(covered, "the router matches {path}, openapi.yaml lacks it");

@@ -1,18 +1,28 @@
 //! The outbox through the real server with a test transport: coalescing, restart with
-//! pending items, and what each transport outcome does.
+//! pending items, and what each transport outcome does; each test on both stores
+//! (`name::sqlite`, `name::postgres`).
 
 mod common;
+
+on_both_stores!(
+    pending_events_for_one_device_are_coalesced,
+    pending_outbox_survives_a_restart,
+    transport_outcomes_are_acted_on,
+    items_past_the_deadline_are_dropped_and_counted,
+    pushes_without_a_transport_stay_queued,
+);
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use dovepush_push::{DeviceKind, Outcome};
 use dovepush_receiver::config::Config;
 use dovepush_receiver::mailserver::SubscriptionChange;
-use dovepush_receiver::transport::{Outcome, TransportKind, Transports};
+use dovepush_receiver::transport::Transports;
 
-fn config_with(dir: &std::path::Path, outbox: &[(&str, &str)]) -> Config {
-    let mut text = config_text(dir, "");
+fn config_with(dir: &std::path::Path, outbox: &[(&str, &str)], backend: Backend) -> Config {
+    let mut text = config_text_on(dir, "", backend);
     for (key, value) in outbox {
         let line = format!("{key} = {value}");
         if text.contains(&format!("{key} = ")) {
@@ -38,12 +48,11 @@ async fn metrics(r: &Running) -> String {
     admin_get(r.addr, "/metrics").await.text()
 }
 
-#[tokio::test]
-async fn pending_events_for_one_device_are_coalesced() {
+async fn pending_events_for_one_device_are_coalesced(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let transport = RecordingTransport::new();
-    let transports = Transports::new().with_kind(TransportKind::Apns, transport.clone());
-    let cfg = config_with(dir.path(), &[("coalesce_milliseconds", "1500")]);
+    let transports = Transports::new().with_kind(DeviceKind::Apns, transport.clone());
+    let cfg = config_with(dir.path(), &[("coalesce_milliseconds", "1500")], backend);
     let r = Running::start(cfg, transports, users()).await;
     assert_eq!(
         register(r.addr, "alice", "alice-pw", "alice-tok")
@@ -65,7 +74,7 @@ async fn pending_events_for_one_device_are_coalesced() {
     }
     assert_eq!(notify(r.addr, "bob", 1, 1, Some("b1")).await.status, 200);
     eventually("two pushes", || transport.pushes().len() >= 2).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    outbox_settled(r.addr).await;
     let pushes = transport.pushes();
     assert_eq!(pushes.len(), 2, "{pushes:#?}");
     let alice = pushes.iter().find(|p| p.user == "alice").unwrap();
@@ -87,17 +96,16 @@ async fn pending_events_for_one_device_are_coalesced() {
     r.stop().await;
 }
 
-#[tokio::test]
-async fn pending_outbox_survives_a_restart() {
+async fn pending_outbox_survives_a_restart(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let failing = RecordingTransport::always(Outcome::Retry {
         reason: "503 ServiceUnavailable".into(),
-        after: Some(Duration::from_millis(300)),
+        retry_after: Some(Duration::from_millis(300)),
     });
     let mail = users();
     let r = Running::start(
-        config(dir.path(), ""),
-        Transports::new().with_kind(TransportKind::Apns, failing.clone()),
+        config_on(dir.path(), "", backend),
+        Transports::new().with_kind(DeviceKind::Apns, failing.clone()),
         mail.clone(),
     )
     .await;
@@ -124,12 +132,15 @@ async fn pending_outbox_survives_a_restart() {
     // Status through the CLI's view of the store: three pending items.
     let delivering = RecordingTransport::new();
     let r = Running::start(
-        config(dir.path(), ""),
-        Transports::new().with_kind(TransportKind::Apns, delivering.clone()),
+        config_on(dir.path(), "", backend),
+        Transports::new().with_kind(DeviceKind::Apns, delivering.clone()),
         mail,
     )
     .await;
     eventually("three deliveries", || delivering.pushes().len() >= 3).await;
+    // Their outcomes are recorded once the outbox is empty (a push is seen by the
+    // transport before its outcome is committed).
+    outbox_settled(r.addr).await;
     let mut got: Vec<_> = delivering
         .pushes()
         .iter()
@@ -154,14 +165,13 @@ async fn pending_outbox_survives_a_restart() {
     r.stop().await;
 }
 
-#[tokio::test]
-async fn transport_outcomes_are_acted_on() {
+async fn transport_outcomes_are_acted_on(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let transport = RecordingTransport::new();
     let mail = users();
     let r = Running::start(
-        config(dir.path(), ""),
-        Transports::new().with_app("mail", TransportKind::Apns, transport.clone()),
+        config_on(dir.path(), "", backend),
+        Transports::new().with_app("mail", DeviceKind::Apns, transport.clone()),
         mail.clone(),
     )
     .await;
@@ -179,6 +189,7 @@ async fn transport_outcomes_are_acted_on() {
         let mut script = transport.script.lock().unwrap();
         script.push_back(Outcome::DeleteDevice {
             reason: "Unregistered".into(),
+            unregistered_at: None,
         });
     }
     assert_eq!(notify(r.addr, "alice", 1, 1, None).await.status, 200);
@@ -206,7 +217,16 @@ async fn transport_outcomes_are_acted_on() {
             == 2
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    outbox_settled(r.addr).await;
+    // The last device of alice went away: METADATA cleared via the master user (a task
+    // of its own, after the outcome was recorded).
+    eventually("alice's subscription cleared", || {
+        mail.changes
+            .lock()
+            .unwrap()
+            .contains(&("alice".to_string(), SubscriptionChange::Clear))
+    })
+    .await;
 
     let s = admin_get(r.addr, "/v1/status/subscriptions").await.json();
     let by_user = |u: &str| {
@@ -244,17 +264,16 @@ async fn transport_outcomes_are_acted_on() {
     r.stop().await;
 }
 
-#[tokio::test]
-async fn items_past_the_deadline_are_dropped_and_counted() {
+async fn items_past_the_deadline_are_dropped_and_counted(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let transport = RecordingTransport::always(Outcome::Retry {
         reason: "503".into(),
-        after: None,
+        retry_after: None,
     });
-    let cfg = config_with(dir.path(), &[("deadline_seconds", "1")]);
+    let cfg = config_with(dir.path(), &[("deadline_seconds", "1")], backend);
     let r = Running::start(
         cfg,
-        Transports::new().with_kind(TransportKind::Apns, transport.clone()),
+        Transports::new().with_kind(DeviceKind::Apns, transport.clone()),
         users(),
     )
     .await;
@@ -278,10 +297,14 @@ async fn items_past_the_deadline_are_dropped_and_counted() {
     r.stop().await;
 }
 
-#[tokio::test]
-async fn pushes_without_a_transport_stay_queued() {
+async fn pushes_without_a_transport_stay_queued(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let r = Running::start(config(dir.path(), ""), Transports::new(), users()).await;
+    let r = Running::start(
+        config_on(dir.path(), "", backend),
+        Transports::new(),
+        users(),
+    )
+    .await;
     assert_eq!(
         register(r.addr, "alice", "alice-pw", "alice-tok")
             .await

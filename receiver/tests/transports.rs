@@ -6,6 +6,15 @@
 
 mod common;
 
+on_both_stores!(
+    multi_thread;
+    one_push_per_device_with_decoded_subject_and_unseen_badge,
+    dead_tokens_remove_the_device_with_the_provider_reason,
+    a_410_older_than_the_re_registration_keeps_the_device,
+    two_apps_in_one_instance_use_their_own_keys,
+    privacy_modes_reach_the_providers_as_specified,
+);
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,10 +33,11 @@ struct Providers {
     key_a: ProviderKey,
     key_b: ProviderKey,
     mail: Arc<FakeMail>,
+    backend: Backend,
 }
 
 impl Providers {
-    async fn start() -> Self {
+    async fn start(backend: Backend) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = TestPki::new();
         pki.write_ca(&dir.path().join("ca.pem")).unwrap();
@@ -47,6 +57,7 @@ impl Providers {
             key_a,
             key_b,
             mail: FakeMail::with_users(&[("alice", "alice-pw"), ("bob", "bob-pw")]),
+            backend,
         }
     }
 
@@ -74,7 +85,7 @@ impl Providers {
     /// entry (and may add more apps).
     fn config(&self, app: &str) -> Config {
         let path = self.dir.path().join("receiver.toml");
-        std::fs::write(&path, config_text(self.dir.path(), app)).unwrap();
+        std::fs::write(&path, config_text_on(self.dir.path(), app, self.backend)).unwrap();
         Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -183,9 +194,8 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_push_per_device_with_decoded_subject_and_unseen_badge() {
-    let p = Providers::start().await;
+async fn one_push_per_device_with_decoded_subject_and_unseen_badge(backend: Backend) {
+    let p = Providers::start(backend).await;
     let r = p
         .receiver(&format!(
             "privacy = \"full\"\n{}{}",
@@ -211,7 +221,7 @@ async fn one_push_per_device_with_decoded_subject_and_unseen_badge() {
         })
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    outbox_settled(r.addr).await;
 
     let apns = p.apns.requests();
     assert_eq!(apns.len(), 1, "exactly one APNs push");
@@ -248,9 +258,8 @@ async fn one_push_per_device_with_decoded_subject_and_unseen_badge() {
     r.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_tokens_remove_the_device_with_the_provider_reason() {
-    let p = Providers::start().await;
+async fn dead_tokens_remove_the_device_with_the_provider_reason(backend: Backend) {
+    let p = Providers::start(backend).await;
     let r = p
         .receiver(&format!(
             "{}{}",
@@ -263,9 +272,9 @@ async fn dead_tokens_remove_the_device_with_the_provider_reason() {
     register_device(&r, "bob", "bob-pw", "mail", "apns", "badtoken01", None).await;
     register_device(&r, "bob", "bob-pw", "mail", "fcm", "bob-live-1", None).await;
     // APNs dates a 410 in milliseconds; the mock's `gone…` rule only has seconds, which
-    // could predate this registration, so alice's answer is scripted.
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    p.apns.script([ApnsReply::unregistered(now_ms())]);
+    // could predate this registration, so alice's answer is scripted, a millisecond after
+    // the registration at the latest.
+    p.apns.script([ApnsReply::unregistered(now_ms() + 1)]);
     notify_encoded(&r, "alice", 1, 1).await;
     eventually("alice's push", || p.apns.request_count() >= 1).await;
     notify_encoded(&r, "bob", 1, 1).await;
@@ -310,9 +319,8 @@ async fn dead_tokens_remove_the_device_with_the_provider_reason() {
     r.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_410_older_than_the_re_registration_keeps_the_device() {
-    let p = Providers::start().await;
+async fn a_410_older_than_the_re_registration_keeps_the_device(backend: Backend) {
+    let p = Providers::start(backend).await;
     let r = p
         .receiver(&p.apns_table("com.example.mail", &p.key_a, "AuthKey_A.p8"))
         .await;
@@ -342,9 +350,8 @@ async fn a_410_older_than_the_re_registration_keeps_the_device() {
     r.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_apps_in_one_instance_use_their_own_keys() {
-    let p = Providers::start().await;
+async fn two_apps_in_one_instance_use_their_own_keys(backend: Backend) {
+    let p = Providers::start(backend).await;
     let r = p
         .receiver(&format!(
             "privacy = \"full\"\n{}\n[[apps]]\nid = \"other\"\nprivacy = \"generic\"\n\
@@ -370,7 +377,7 @@ async fn two_apps_in_one_instance_use_their_own_keys() {
     notify_encoded(&r, "alice", 1, 2).await;
 
     eventually("two APNs pushes", || p.apns.request_count() >= 2).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    outbox_settled(r.addr).await;
     let reqs = p.apns.requests();
     assert_eq!(reqs.len(), 2);
     let mail = reqs.iter().find(|q| q.device_token == "aaaa1111").unwrap();
@@ -390,9 +397,8 @@ async fn two_apps_in_one_instance_use_their_own_keys() {
     r.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn privacy_modes_reach_the_providers_as_specified() {
-    let p = Providers::start().await;
+async fn privacy_modes_reach_the_providers_as_specified(backend: Backend) {
+    let p = Providers::start(backend).await;
     // The app's default is generic; devices may choose full or silent.
     let r = p
         .receiver(&format!(

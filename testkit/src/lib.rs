@@ -2,15 +2,29 @@
 //!
 //! - [`dovecot`]: a private, real Dovecot started from a config in a temp dir, on
 //!   loopback ports, with chosen plugins loaded from a private module dir;
+//! - [`debian13`]: the Debian 13 root where that Dovecot can be 2.4.1, with dovepush
+//!   built inside it;
 //! - [`lmtp`]: a minimal LMTP client for deliveries, timing each reply;
 //! - [`sink`]: an HTTP/1.1 receiver that records notifications and answers with a
 //!   chosen status after a chosen delay;
 //! - [`messages`]: sample mails, well-formed and malformed;
-//! - [`procfs`]: what `/proc` says about a process (name, parents, nice, CPU time).
+//! - [`postgres`]: a private, real PostgreSQL (initdb into a temp dir, a free loopback
+//!   port, stopped with the test process);
+//! - [`procfs`]: what `/proc` says about a process (name, parents, nice, CPU time);
+//! - [`fswatch`]: whether a file was opened (inotify);
+//! - [`loopfs`]: a small ext4 of its own on a loop device (same state per run, or a
+//!   disk to fill);
+//! - [`oauth`]: a local OAuth issuer: an ES256 key for Dovecot's `oauth2` passdb to
+//!   validate JWTs with, and the JWTs (good and bad) it signs.
 
+pub mod debian13;
 pub mod dovecot;
+pub mod fswatch;
 pub mod lmtp;
+pub mod loopfs;
 pub mod messages;
+pub mod oauth;
+pub mod postgres;
 pub mod procfs;
 pub mod sink;
 

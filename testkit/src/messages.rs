@@ -51,3 +51,80 @@ pub fn folded_html() -> Vec<u8> {
 pub fn multipart() -> Vec<u8> {
     b"From: dave@example.net\r\nSubject: =?ISO-8859-1?B?SWYgeW91IGNhbiByZWFkIHRoaXMgeW8=?=\r\nMIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=XX\r\n\r\n--XX\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nPlain   part\r\n   with spaces\r\n--XX\r\nContent-Type: text/html\r\n\r\n<p>html part</p>\r\n--XX--\r\n".to_vec()
 }
+
+/// `depth` nested multipart/mixed parts around one text part.
+pub fn deep_multipart(depth: usize) -> Vec<u8> {
+    let mut m = b"From: deep@example.net\r\nSubject: deep\r\nMIME-Version: 1.0\r\n".to_vec();
+    for level in 0..depth {
+        m.extend_from_slice(
+            format!("Content-Type: multipart/mixed; boundary=b{level}\r\n\r\n--b{level}\r\n")
+                .as_bytes(),
+        );
+    }
+    m.extend_from_slice(b"Content-Type: text/plain\r\n\r\ninnermost\r\n");
+    for level in (0..depth).rev() {
+        m.extend_from_slice(format!("--b{level}--\r\n").as_bytes());
+    }
+    m
+}
+
+/// The well-formed and malformed samples above, as a seed set for mutation.
+pub fn samples() -> Vec<Vec<u8>> {
+    vec![
+        simple(1),
+        bad_encoded_words(),
+        missing_from(),
+        folded_html(),
+        multipart(),
+    ]
+}
+
+/// A mutation of one of [`samples`], chosen by `rng`: cut short, 8-bit garbage or NULs
+/// spliced in, encoded-words broken, the header/body separator or every header gone,
+/// line ends mixed, and now and then a 1 MB header or 5000-deep MIME nesting.
+pub fn mutated(rng: &mut fastrand::Rng) -> Vec<u8> {
+    let samples = samples();
+    let mut m = samples[rng.usize(..samples.len())].clone();
+    let mutations = 1 + rng.usize(..3);
+    for _ in 0..mutations {
+        let at = rng.usize(..=m.len());
+        match rng.u8(..10) {
+            0 => m.truncate(at),
+            1 => {
+                let garbage: Vec<u8> = (0..1 + rng.usize(..64)).map(|_| rng.u8(128..)).collect();
+                m.splice(at..at, garbage);
+            }
+            2 => {
+                m.splice(at..at, std::iter::repeat_n(0u8, 1 + rng.usize(..8)));
+            }
+            3 => {
+                m.splice(at..at, b"=?utf-8?q?=XY=?= =?x?b?####?=".iter().copied());
+            }
+            4 => {
+                if let Some(end) = m.windows(4).position(|w| w == b"\r\n\r\n") {
+                    m.drain(end..end + 2);
+                }
+            }
+            5 => {
+                if let Some(end) = m.windows(4).position(|w| w == b"\r\n\r\n") {
+                    m.drain(..end + 4);
+                }
+            }
+            6 => {
+                for b in m.iter_mut() {
+                    if *b == b'\r' && rng.bool() {
+                        *b = b' ';
+                    }
+                }
+            }
+            7 => {
+                let random: Vec<u8> = (0..1 + rng.usize(..32)).map(|_| rng.u8(..)).collect();
+                m.splice(at..at, random);
+            }
+            8 if rng.u8(..20) == 0 => m = huge_subject(),
+            9 if rng.u8(..20) == 0 => m = deep_multipart(5000),
+            _ => {}
+        }
+    }
+    m
+}

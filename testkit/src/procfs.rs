@@ -89,3 +89,27 @@ pub fn status_field(pid: u32, name: &str) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// A process's environment (`/proc/PID/environ`), `NAME=value` entries.
+pub fn environ(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|bytes| {
+            bytes
+                .split(|&b| b == 0)
+                .filter(|e| !e.is_empty())
+                .map(|e| String::from_utf8_lossy(e).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The real, effective, saved and file-system uids from `/proc/PID/status`.
+pub fn uids(pid: u32) -> Option<[u32; 4]> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let ids: Vec<u32> = line
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    ids.try_into().ok()
+}

@@ -1,5 +1,11 @@
 //! An HTTP/1.1 notification sink: records every request, answers with a chosen status
 //! after a chosen delay, keeps connections alive. Loopback only.
+//!
+//! It also speaks the dovepush receiver's batch API (`POST …/notify/batch`): each
+//! notification of a batch is recorded as if it had come alone (with its event id as
+//! the header), and the answer has one result per notification, all with the chosen
+//! status. [`Sink::refuse_batches`] makes it answer batches 404, as the OX middleware
+//! would.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -44,6 +50,8 @@ impl Request {
 struct Shared {
     requests: Mutex<Vec<Request>>,
     attempts: AtomicU64,
+    batches: AtomicU64,
+    refuse_batches: AtomicBool,
     status: AtomicU16,
     delay_ms: AtomicU64,
     stop: AtomicBool,
@@ -68,6 +76,8 @@ impl Sink {
         let shared = Arc::new(Shared {
             requests: Mutex::new(Vec::new()),
             attempts: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            refuse_batches: AtomicBool::new(false),
             status: AtomicU16::new(200),
             delay_ms: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -112,6 +122,16 @@ impl Sink {
             .store(delay.as_millis() as u64, Ordering::Release);
     }
 
+    /// Answer batch requests 404 (no batch API).
+    pub fn refuse_batches(&self) {
+        self.shared.refuse_batches.store(true, Ordering::Release);
+    }
+
+    /// Batch requests answered 200.
+    pub fn batches(&self) -> u64 {
+        self.shared.batches.load(Ordering::Acquire)
+    }
+
     /// Every request received, whatever it was answered.
     pub fn attempts(&self) -> u64 {
         self.shared.attempts.load(Ordering::Acquire)
@@ -151,6 +171,40 @@ impl Drop for Sink {
             let _ = thread.join();
         }
     }
+}
+
+/// Record a batch's notifications one by one; the answer gives each `item_status`.
+fn take_batch(
+    shared: &Shared,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    item_status: u16,
+    received: Instant,
+) -> String {
+    let batch: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let items = batch["notifications"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    shared.batches.fetch_add(1, Ordering::AcqRel);
+    let mut results = Vec::new();
+    for item in items {
+        let event_id = item["event_id"].as_str().unwrap_or_default().to_string();
+        if (200..300).contains(&item_status) {
+            let mut headers = headers.to_vec();
+            headers.push(("x-dovepush-event-id".into(), event_id.clone()));
+            shared.requests.lock().unwrap().push(Request {
+                method: "POST".into(),
+                path: path.trim_end_matches("/batch").to_string(),
+                headers,
+                body: item["notification"].to_string().into_bytes(),
+                received,
+            });
+        }
+        results.push(serde_json::json!({"event_id": event_id, "status": item_status}));
+    }
+    serde_json::json!({ "results": results }).to_string()
 }
 
 fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
@@ -194,8 +248,16 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));
         }
-        let status = shared.status.load(Ordering::Acquire);
-        if (200..300).contains(&status) {
+        let mut status = shared.status.load(Ordering::Acquire);
+        let mut answer = "{\"success\":true}".to_string();
+        if method == "POST" && path.ends_with("/batch") {
+            if shared.refuse_batches.load(Ordering::Acquire) {
+                status = 404;
+            } else {
+                answer = take_batch(shared, &path, &headers, &body, status, received);
+                status = 200;
+            }
+        } else if (200..300).contains(&status) {
             shared.requests.lock().unwrap().push(Request {
                 method,
                 path,
@@ -204,7 +266,6 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
                 received,
             });
         }
-        let answer = "{\"success\":true}";
         write!(
             writer,
             "HTTP/1.1 {status} Sink\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",

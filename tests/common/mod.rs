@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dovepush_testkit::dovecot::{built_plugin, Dovecot, Options};
 
@@ -43,4 +43,16 @@ pub fn restart_with_config(mut dovecot: Dovecot, lines: &str) -> Dovecot {
     std::fs::write(dovecot.config_path(), config).unwrap();
     dovecot.restart().expect("restarting Dovecot");
     dovecot
+}
+
+/// Polls `done` every 50 ms until it holds or `timeout` passes; its last answer.
+pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done()
 }

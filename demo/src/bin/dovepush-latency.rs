@@ -6,6 +6,8 @@
 //! (30), DOVEPUSH_LATENCY_USERS (100; each with one device, deliveries round-robin;
 //! events for a device whose push is still pending fold into it, so pushes ≤ deliveries).
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

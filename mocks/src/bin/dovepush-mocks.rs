@@ -4,6 +4,8 @@
 //!
 //! Usage: `dovepush-mocks [OUTPUT_DIR]` (default: a new directory under the temp dir).
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 
 use dovepush_mocks::{MockApns, MockFcm, ProviderKey, TestPki};

@@ -368,7 +368,7 @@ struct ErrorBody {
 }
 
 /// Maps one APNs reply to an outcome.
-fn classify(
+pub(crate) fn classify(
     status: StatusCode,
     headers: &hyper::HeaderMap,
     body: &[u8],

@@ -138,6 +138,7 @@ mod tests {
             snippet: Some("secret body".into()),
             unseen: Some(3),
             event_id: Some("ev1".into()),
+            coalesced: 0,
         }
     }
 

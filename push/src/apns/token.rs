@@ -1,18 +1,14 @@
-//! APNs provider authentication tokens: ES256 JWTs (`kid`, `iss`, `iat`) signed with ring,
-//! reused for [`TOKEN_REUSE`] and renewed well before Apple's 60-minute limit; one forced
+//! APNs provider authentication tokens: ES256 JWTs (`kid`, `iss`, `iat`) signed with ring
+//! (the shared [`Es256Signer`]), reused for [`TOKEN_REUSE`] and renewed well before Apple's 60-minute limit; one forced
 //! renewal per rejection, at most once per [`FORCED_RENEWAL_COOLDOWN`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use hyper::header::HeaderValue;
-use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::PrivatePkcs8KeyDer;
+
+use crate::jwt::Es256Signer;
 
 /// A token is used for this long (Apple: no more often than every 20 min, no less than 60).
 pub(crate) const TOKEN_REUSE: Duration = Duration::from_secs(40 * 60);
@@ -29,8 +25,7 @@ pub(crate) struct ProviderToken {
 
 /// Mints and caches the provider token of one Apple key (team id + key id).
 pub(crate) struct ProviderTokens {
-    key: EcdsaKeyPair,
-    rng: SystemRandom,
+    signer: Es256Signer,
     key_id: String,
     team_id: String,
     current: RwLock<Option<Arc<ProviderToken>>>,
@@ -41,18 +36,8 @@ pub(crate) struct ProviderTokens {
 impl ProviderTokens {
     /// From the `.p8` file's content (PKCS#8 PEM with a P-256 key).
     pub(crate) fn new(p8_pem: &[u8], key_id: &str, team_id: &str) -> Result<Self, String> {
-        let der = PrivatePkcs8KeyDer::from_pem_slice(p8_pem)
-            .map_err(|e| format!("not a PKCS#8 PEM private key (BEGIN PRIVATE KEY): {e}"))?;
-        let rng = SystemRandom::new();
-        let key = EcdsaKeyPair::from_pkcs8(
-            &ECDSA_P256_SHA256_FIXED_SIGNING,
-            der.secret_pkcs8_der(),
-            &rng,
-        )
-        .map_err(|e| format!("not an ES256 (P-256) key: {e}"))?;
         Ok(ProviderTokens {
-            key,
-            rng,
+            signer: Es256Signer::from_pkcs8_pem(p8_pem)?,
             key_id: key_id.to_owned(),
             team_id: team_id.to_owned(),
             current: RwLock::new(None),
@@ -121,16 +106,7 @@ impl ProviderTokens {
             .as_secs();
         let header = serde_json::json!({"alg": "ES256", "kid": self.key_id});
         let claims = serde_json::json!({"iss": self.team_id, "iat": iat});
-        let mut jwt = String::with_capacity(200);
-        jwt.push_str(&URL_SAFE_NO_PAD.encode(header.to_string()));
-        jwt.push('.');
-        jwt.push_str(&URL_SAFE_NO_PAD.encode(claims.to_string()));
-        let signature = self
-            .key
-            .sign(&self.rng, jwt.as_bytes())
-            .map_err(|_| "ES256 signing failed".to_owned())?;
-        jwt.push('.');
-        jwt.push_str(&URL_SAFE_NO_PAD.encode(signature.as_ref()));
+        let jwt = self.signer.sign(&header, &claims)?;
         let mut header = HeaderValue::from_str(&format!("bearer {jwt}"))
             .map_err(|_| "token is not a header value".to_owned())?;
         header.set_sensitive(true);
@@ -146,25 +122,10 @@ impl ProviderTokens {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::signature::{
-        EcdsaKeyPair as Pair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED,
-    };
-
-    fn test_key() -> Vec<u8> {
-        let rng = SystemRandom::new();
-        let pkcs8 = Pair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        PrivatePkcs8KeyDer::from(pkcs8.as_ref().to_vec())
-            .secret_pkcs8_der()
-            .to_vec()
-    }
+    use crate::jwt::tests::{pkcs8_der as test_key, verify};
 
     fn pem(der: &[u8]) -> Vec<u8> {
-        use base64::engine::general_purpose::STANDARD;
-        format!(
-            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
-            STANDARD.encode(der)
-        )
-        .into_bytes()
+        crate::jwt::tests::pem("PRIVATE KEY", der)
     }
 
     #[test]
@@ -177,17 +138,7 @@ mod tests {
         assert_eq!(tokens.mints(), 1);
 
         let jwt = a.header.to_str().unwrap().strip_prefix("bearer ").unwrap();
-        let (signed, sig) = jwt.rsplit_once('.').unwrap();
-        let rng = SystemRandom::new();
-        let pair = Pair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng).unwrap();
-        UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, pair.public_key().as_ref())
-            .verify(signed.as_bytes(), &URL_SAFE_NO_PAD.decode(sig).unwrap())
-            .unwrap();
-        let (head, claims) = signed.split_once('.').unwrap();
-        let head: serde_json::Value =
-            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(head).unwrap()).unwrap();
-        let claims: serde_json::Value =
-            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).unwrap()).unwrap();
+        let (head, claims) = verify(jwt, tokens.signer.public_key());
         assert_eq!(head["alg"], "ES256");
         assert_eq!(head["kid"], "KEY1234567");
         assert_eq!(claims["iss"], "TEAM123456");

@@ -160,6 +160,7 @@ mod tests {
             snippet: None,
             unseen: Some(3),
             event_id: Some("ev1".into()),
+            coalesced: 0,
         }
     }
 

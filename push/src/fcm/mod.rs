@@ -210,7 +210,7 @@ struct FieldViolation {
 }
 
 /// Maps one FCM reply to an outcome: `details[].errorCode` first, then `status`, then HTTP.
-fn classify(status: StatusCode, headers: &hyper::HeaderMap, body: &[u8]) -> Outcome {
+pub(crate) fn classify(status: StatusCode, headers: &hyper::HeaderMap, body: &[u8]) -> Outcome {
     if status == StatusCode::OK {
         #[derive(Deserialize)]
         struct Sent {

@@ -91,6 +91,7 @@ pub fn app(id: &str, privacy: Privacy) -> AppConfig {
         ttl_secs: Some(3600),
         apns: None,
         fcm: None,
+        webpush: None,
     }
 }
 
@@ -116,6 +117,7 @@ pub fn note() -> Notification {
         snippet: Some("secret snippet".to_owned()),
         unseen: Some(5),
         event_id: Some("ev-0001".to_owned()),
+        coalesced: 0,
     }
 }
 

@@ -1,13 +1,19 @@
 //! A short-lived cache of successful mail logins, so an app's repeated calls do not each
-//! cost an IMAP login. Only a salted HMAC of the password is kept (the HMAC key is random
-//! per process), entries expire after the configured time, and comparison is constant-time.
+//! cost an IMAP login. Only a salted HMAC of the credential (password or bearer token,
+//! with its kind) is kept (the HMAC key is random per process), entries expire after the
+//! configured time, and comparison is constant-time.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
+use subtle::ConstantTimeEq;
+
+use crate::mailserver::MailCredential;
+// tokio's clock: the real one, except in a test that pauses it.
+use tokio::time::Instant;
 
 /// Most logins remembered at once.
 pub const MAX_ENTRIES: usize = 100_000;
@@ -48,17 +54,20 @@ impl CredentialCache {
         }
     }
 
-    fn digest(&self, salt: &[u8], login: &str, password: &str) -> Vec<u8> {
+    fn digest(&self, salt: &[u8], login: &str, credential: &MailCredential) -> Vec<u8> {
         let mut ctx = hmac::Context::with_key(&self.key);
         ctx.update(salt);
         ctx.update(&(login.len() as u64).to_be_bytes());
         ctx.update(login.as_bytes());
-        ctx.update(password.as_bytes());
+        // A password never matches a token that happens to be spelled the same.
+        ctx.update(credential.kind().as_bytes());
+        ctx.update(b"\0");
+        ctx.update(credential.secret().as_bytes());
         ctx.sign().as_ref().to_vec()
     }
 
-    /// True if `login` with `password` succeeded recently.
-    pub fn check(&self, login: &str, password: &str) -> bool {
+    /// True if `login` with `credential` succeeded recently.
+    pub fn check(&self, login: &str, credential: &MailCredential) -> bool {
         if self.ttl.is_zero() {
             return false;
         }
@@ -69,11 +78,11 @@ impl CredentialCache {
                 _ => return false,
             }
         };
-        constant_time_eq(&self.digest(&salt, login, password), &digest)
+        constant_time_eq(&self.digest(&salt, login, credential), &digest)
     }
 
     /// Records a successful login.
-    pub fn remember(&self, login: &str, password: &str) {
+    pub fn remember(&self, login: &str, credential: &MailCredential) {
         if self.ttl.is_zero() {
             return;
         }
@@ -84,7 +93,7 @@ impl CredentialCache {
         let entry = Entry {
             expires: Instant::now() + self.ttl,
             salt,
-            digest: self.digest(&salt, login, password),
+            digest: self.digest(&salt, login, credential),
         };
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= MAX_ENTRIES {
@@ -106,41 +115,44 @@ impl CredentialCache {
 
 /// Compares two byte strings in time that depends only on their lengths.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let mut diff = 0u8;
-    for (x, y) in a.iter().zip(b) {
-        diff |= x ^ y;
-    }
-    std::hint::black_box(diff) == 0
+    a.ct_eq(b).into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn remembers_only_the_right_password() {
-        let c = CredentialCache::new(Duration::from_secs(60));
-        assert!(!c.check("alice", "pw"));
-        c.remember("alice", "pw");
-        assert!(c.check("alice", "pw"));
-        assert!(!c.check("alice", "pw2"));
-        assert!(!c.check("bob", "pw"));
-        c.forget("alice");
-        assert!(!c.check("alice", "pw"));
+    fn pw(s: &str) -> MailCredential {
+        MailCredential::Password(s.into())
     }
 
     #[test]
-    fn entries_expire_and_zero_disables() {
+    fn remembers_only_the_right_credential() {
+        let c = CredentialCache::new(Duration::from_secs(60));
+        assert!(!c.check("alice", &pw("pw")));
+        c.remember("alice", &pw("pw"));
+        assert!(c.check("alice", &pw("pw")));
+        assert!(!c.check("alice", &pw("pw2")));
+        assert!(!c.check("alice", &MailCredential::Bearer("pw".into())));
+        assert!(!c.check("bob", &pw("pw")));
+        c.forget("alice");
+        assert!(!c.check("alice", &pw("pw")));
+        c.remember("alice", &MailCredential::Bearer("tok".into()));
+        assert!(c.check("alice", &MailCredential::Bearer("tok".into())));
+        assert!(!c.check("alice", &pw("tok")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_expire_and_zero_disables() {
         let c = CredentialCache::new(Duration::from_millis(20));
-        c.remember("alice", "pw");
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(!c.check("alice", "pw"));
+        c.remember("alice", &pw("pw"));
+        tokio::time::advance(Duration::from_millis(19)).await;
+        assert!(c.check("alice", &pw("pw")));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!c.check("alice", &pw("pw")));
         let off = CredentialCache::new(Duration::ZERO);
-        off.remember("alice", "pw");
-        assert!(!off.check("alice", "pw"));
+        off.remember("alice", &pw("pw"));
+        assert!(!off.check("alice", &pw("pw")));
     }
 
     #[test]

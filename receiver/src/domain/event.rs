@@ -1,13 +1,12 @@
 //! New-mail events: the ox notification body → [`NewMailEvent`], and the
 //! [`PushContent`] an outbox item carries (with the coalescing rule).
 
+use dovepush_protocol::Notification;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
 use super::FieldError;
 
-/// Longest accepted `X-Dovepush-Event-Id`.
-pub const MAX_EVENT_ID_LEN: usize = 128;
+pub use dovepush_protocol::notification::{validate_event_id, MAX_EVENT_ID_LEN};
 
 /// A validated new-mail notification.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,95 +26,32 @@ pub struct NewMailEvent {
     pub received_at: i64,
 }
 
-/// Parses an ox `http-notify` body. Unknown keys are ignored (the ox format may grow);
-/// the OX middleware's `unread` is accepted in place of `unseen`.
+impl NewMailEvent {
+    /// The event a parsed notification describes; its strings move, nothing is copied.
+    pub fn from_notification(n: Notification, event_id: Option<String>, received_at: i64) -> Self {
+        NewMailEvent {
+            event_id,
+            user: n.user,
+            folder: n.folder,
+            uidvalidity: n.uidvalidity,
+            uid: n.uid,
+            from: n.from,
+            subject: n.subject,
+            snippet: n.snippet,
+            unseen: n.unseen,
+            received_at,
+        }
+    }
+}
+
+/// Parses an ox `http-notify` body ([`Notification::from_json`]: unknown keys ignored,
+/// the OX middleware's `unread` taken for `unseen`, the field at fault named).
 pub fn parse_notification(
     body: &[u8],
     event_id: Option<String>,
     received_at: i64,
 ) -> Result<NewMailEvent, FieldError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| FieldError::new("body", format!("not valid JSON: {e}")))?;
-    // Fields are taken out of the parsed object, so their strings move instead of
-    // being copied.
-    let Value::Object(mut obj) = value else {
-        return Err(FieldError::new("body", "expected a JSON object"));
-    };
-    let user = required_string(&mut obj, "user")?;
-    if user.is_empty() {
-        return Err(FieldError::new("user", "must not be empty"));
-    }
-    let event = required_string(&mut obj, "event")?;
-    if event != "messageNew" && event != "MessageNew" {
-        return Err(FieldError::new(
-            "event",
-            format!("unsupported event {event:?}: only \"messageNew\" is handled"),
-        ));
-    }
-    let folder = required_string(&mut obj, "folder")?;
-    if folder.is_empty() {
-        return Err(FieldError::new("folder", "must not be empty"));
-    }
-    let uidvalidity = required_u32(&obj, "imap-uidvalidity")?;
-    let uid = required_u32(&obj, "imap-uid")?;
-    let unseen = match optional_u32(&obj, "unseen")? {
-        Some(n) => Some(n),
-        None => optional_u32(&obj, "unread")?,
-    };
-    Ok(NewMailEvent {
-        event_id,
-        user,
-        folder,
-        uidvalidity,
-        uid,
-        from: optional_string(&mut obj, "from")?,
-        subject: optional_string(&mut obj, "subject")?,
-        snippet: optional_string(&mut obj, "snippet")?,
-        unseen,
-        received_at,
-    })
-}
-
-/// Checks an `X-Dovepush-Event-Id` value: 1-128 visible ASCII characters.
-pub fn validate_event_id(raw: &[u8]) -> Result<String, FieldError> {
-    if raw.is_empty() || raw.len() > MAX_EVENT_ID_LEN || !raw.iter().all(|b| b.is_ascii_graphic()) {
-        return Err(FieldError::new(
-            "X-Dovepush-Event-Id",
-            format!("must be 1-{MAX_EVENT_ID_LEN} visible ASCII characters"),
-        ));
-    }
-    Ok(String::from_utf8_lossy(raw).into_owned())
-}
-
-fn required_string(obj: &mut Map<String, Value>, key: &str) -> Result<String, FieldError> {
-    match obj.remove(key) {
-        Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(FieldError::new(key, "expected a string")),
-        None => Err(FieldError::new(key, "missing")),
-    }
-}
-
-fn optional_string(obj: &mut Map<String, Value>, key: &str) -> Result<Option<String>, FieldError> {
-    match obj.remove(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(FieldError::new(key, "expected a string")),
-    }
-}
-
-fn optional_u32(obj: &Map<String, Value>, key: &str) -> Result<Option<u32>, FieldError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .map(Some)
-            .ok_or_else(|| FieldError::new(key, "expected an unsigned 32-bit integer")),
-    }
-}
-
-fn required_u32(obj: &Map<String, Value>, key: &str) -> Result<u32, FieldError> {
-    optional_u32(obj, key)?.ok_or_else(|| FieldError::new(key, "missing"))
+    Notification::from_json(body).map(|n| NewMailEvent::from_notification(n, event_id, received_at))
 }
 
 /// What an outbox item will push: the newest event's content for one device.
@@ -193,55 +129,11 @@ mod tests {
     }
 
     #[test]
-    fn accepts_both_event_spellings_and_optional_fields_missing() {
-        let body = r#"{"user":"a","event":"MessageNew","folder":"INBOX","imap-uidvalidity":1,"imap-uid":0,"unread":5,"extra":true}"#;
-        let e = parse_notification(body.as_bytes(), None, 0).unwrap();
-        assert_eq!(e.uid, 0);
-        assert_eq!(e.unseen, Some(5));
-        assert_eq!(e.from, None);
-    }
-
-    #[test]
-    fn names_the_bad_field() {
-        let cases: &[(&str, &str)] = &[
-            ("not json", "body"),
-            ("[1]", "body"),
-            (r#"{"event":"messageNew"}"#, "user"),
-            (r#"{"user":"a","event":"flagsSet"}"#, "event"),
-            (r#"{"user":"a","event":"messageNew","folder":3}"#, "folder"),
-            (
-                r#"{"user":"a","event":"messageNew","folder":"INBOX","imap-uidvalidity":-1,"imap-uid":1}"#,
-                "imap-uidvalidity",
-            ),
-            (
-                r#"{"user":"a","event":"messageNew","folder":"INBOX","imap-uidvalidity":1}"#,
-                "imap-uid",
-            ),
-            (
-                r#"{"user":"a","event":"messageNew","folder":"INBOX","imap-uidvalidity":1,"imap-uid":4294967296}"#,
-                "imap-uid",
-            ),
-            (
-                r#"{"user":"a","event":"messageNew","folder":"INBOX","imap-uidvalidity":1,"imap-uid":1,"subject":5}"#,
-                "subject",
-            ),
-            (
-                r#"{"user":"","event":"messageNew","folder":"INBOX","imap-uidvalidity":1,"imap-uid":1}"#,
-                "user",
-            ),
-        ];
-        for (body, field) in cases {
-            let err = parse_notification(body.as_bytes(), None, 0).unwrap_err();
-            assert_eq!(err.field, *field, "{body}");
-        }
-    }
-
-    #[test]
-    fn event_ids_are_checked() {
-        assert_eq!(validate_event_id(b"abc-123").unwrap(), "abc-123");
-        assert!(validate_event_id(b"").is_err());
-        assert!(validate_event_id(b"has space").is_err());
-        assert!(validate_event_id(&[b'a'; 129]).is_err());
+    fn a_bad_body_names_its_field() {
+        // The rules themselves are dovepush-protocol's (and tested there).
+        let body = r#"{"user":"a","event":"messageNew","folder":3}"#;
+        let err = parse_notification(body.as_bytes(), None, 0).unwrap_err();
+        assert_eq!(err.field, "folder");
     }
 
     #[test]

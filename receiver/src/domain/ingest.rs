@@ -1,14 +1,23 @@
-//! Accepting a new-mail event: one durable commit of the event and its outbox items (the
-//! store hands those it marks in flight to the dispatcher), then counting it and waking
+//! Accepting a new-mail event: one durable commit of the event and its outbox items, the
+//! items the store wrote in flight handed to the dispatcher, then counting it and waking
 //! the dispatcher to claim the others.
+//!
+//! The hand-over happens whatever becomes of the request: a caller that stops waiting (a
+//! client that gave up) leaves the store's answer to a task that still hands the items
+//! over, since nothing else would send them before a restart.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
 
 use super::event::NewMailEvent;
-use crate::store::{HandOver, IngestOutcome, Store, StoreError};
+use super::outbox::HandOver;
+use super::store::{IngestOutcome, Ingested, Store, StoreError};
 use crate::telemetry::Metrics;
 
 /// The ingest service.
@@ -50,23 +59,21 @@ impl Ingest {
             None => ("", None),
         };
         let due_at = event.received_at + self.coalesce.as_millis() as i64;
-        let outcome = self
-            .store
-            .ingest(event, due_at, Some(self.hand_over.clone()))
-            .await?;
+        let ingesting = self.store.ingest(event, due_at, self.hand_over.room());
+        let outcome = HandingOver::new(ingesting, &self.hand_over).await?;
         let m = &self.metrics;
         if outcome.duplicate {
-            Metrics::add(&m.duplicates, 1);
+            m.duplicates.inc();
             tracing::debug!(user = %user, event_id = ?event_id, "Duplicate notification ignored.");
             return Ok(outcome);
         }
-        Metrics::add(&m.ingested, 1);
+        m.ingested.inc();
         if outcome.matched_devices == 0 {
-            Metrics::add(&m.dropped_no_device, 1);
+            m.dropped_no_device.inc();
             tracing::debug!(user = %user, event_id = ?event_id, "No device follows this folder; event dropped.");
         } else {
-            Metrics::add(&m.queued, u64::from(outcome.queued));
-            Metrics::add(&m.coalesced, u64::from(outcome.coalesced));
+            m.queued.inc_by(u64::from(outcome.queued));
+            m.coalesced.inc_by(u64::from(outcome.coalesced));
             tracing::debug!(
                 user = %user,
                 event_id = ?event_id,
@@ -74,7 +81,7 @@ impl Ingest {
                 coalesced = outcome.coalesced,
                 "Notification queued."
             );
-            // The store handed the items it marked in flight to the dispatcher itself.
+            // The items written in flight are with the dispatcher already.
             if outcome.queued > outcome.handed_over {
                 self.wake.notify_one();
             }
@@ -83,13 +90,59 @@ impl Ingest {
     }
 }
 
+/// A store ingest whose in-flight items go to the dispatcher when it completes, or, if
+/// it is dropped before that, when a task it leaves behind has completed it.
+struct HandingOver<'a> {
+    ingesting: Option<BoxFuture<'static, Ingested>>,
+    hand_over: &'a HandOver,
+}
+
+impl<'a> HandingOver<'a> {
+    fn new(ingesting: BoxFuture<'static, Ingested>, hand_over: &'a HandOver) -> Self {
+        Self {
+            ingesting: Some(ingesting),
+            hand_over,
+        }
+    }
+}
+
+impl Future for HandingOver<'_> {
+    type Output = Result<IngestOutcome, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(ingesting) = self.ingesting.as_mut() else {
+            return Poll::Ready(Err(StoreError::Closed));
+        };
+        let Poll::Ready(ingested) = ingesting.as_mut().poll(cx) else {
+            return Poll::Pending;
+        };
+        self.ingesting = None;
+        self.hand_over.give(ingested.in_flight);
+        Poll::Ready(ingested.result)
+    }
+}
+
+impl Drop for HandingOver<'_> {
+    fn drop(&mut self) {
+        let Some(ingesting) = self.ingesting.take() else {
+            return;
+        };
+        let hand_over = self.hand_over.clone();
+        // Without a runtime (the process is stopping) items written in flight are sent
+        // after the restart.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { hand_over.give(ingesting.await.in_flight) });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::device::DeviceRegistration;
+    use crate::domain::store::OutboxItem;
     use crate::store::sqlite::SqliteStore;
-    use crate::transport::{Privacy, TransportKind};
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use dovepush_push::{DeviceKind, Privacy};
 
     fn event(user: &str, id: &str, folder: &str) -> NewMailEvent {
         NewMailEvent {
@@ -107,7 +160,7 @@ mod tests {
     }
 
     /// An ingest service on a fresh store where alice has one device for INBOX, with
-    /// `slots` send slots; also the receiving end of its hand-over.
+    /// `slots` send slots; also its hand-over and the dispatcher's end of it.
     async fn ingest(
         slots: usize,
     ) -> (
@@ -115,7 +168,7 @@ mod tests {
         Ingest,
         Arc<Metrics>,
         Arc<Notify>,
-        tokio::sync::mpsc::UnboundedReceiver<crate::store::Claimed>,
+        (HandOver, tokio::sync::mpsc::UnboundedReceiver<OutboxItem>),
     ) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
@@ -125,7 +178,7 @@ mod tests {
                 DeviceRegistration {
                     user: "alice".into(),
                     app: "mail".into(),
-                    transport: TransportKind::Apns,
+                    transport: DeviceKind::Apns,
                     token: "a".repeat(64),
                     mailboxes: vec!["INBOX".into()],
                     privacy: Privacy::Full,
@@ -136,29 +189,24 @@ mod tests {
             .unwrap();
         let metrics = Arc::new(Metrics::new());
         let wake = Arc::new(Notify::new());
-        let (to, rx) = tokio::sync::mpsc::unbounded_channel();
-        let hand_over = HandOver {
-            slots: Arc::new(tokio::sync::Semaphore::new(slots)),
-            to,
-            backlog: Arc::new(AtomicBool::new(false)),
-        };
+        let (hand_over, rx) = HandOver::new(Arc::new(tokio::sync::Semaphore::new(slots)));
         let ingest = Ingest::new(
             store,
             metrics.clone(),
             Duration::ZERO,
             wake.clone(),
-            hand_over,
+            hand_over.clone(),
         );
-        (dir, ingest, metrics, wake, rx)
+        (dir, ingest, metrics, wake, (hand_over, rx))
     }
 
-    fn count(counter: &std::sync::atomic::AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    fn count(counter: &prometheus_client::metrics::counter::Counter) -> u64 {
+        counter.get()
     }
 
     #[tokio::test]
     async fn counts_queued_duplicate_and_dropped_events() {
-        let (_dir, ingest, m, _wake, mut handed) = ingest(4).await;
+        let (_dir, ingest, m, _wake, (_, mut handed)) = ingest(4).await;
         let first = ingest.accept(event("alice", "e1", "INBOX")).await.unwrap();
         assert_eq!((first.queued, first.handed_over), (1, 1));
         assert!(handed.try_recv().is_ok(), "in flight at once, with a slot");
@@ -176,7 +224,7 @@ mod tests {
     #[tokio::test]
     async fn items_left_pending_wake_the_dispatcher() {
         // No free slot: the item stays pending and the dispatcher is told to claim it.
-        let (_dir, ingest, _m, wake, mut handed) = ingest(0).await;
+        let (_dir, ingest, _m, wake, (_, mut handed)) = ingest(0).await;
         let woken = wake.notified();
         let outcome = ingest.accept(event("alice", "e1", "INBOX")).await.unwrap();
         assert_eq!((outcome.queued, outcome.handed_over), (1, 0));
@@ -184,5 +232,33 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), woken)
             .await
             .expect("the dispatcher was woken");
+    }
+
+    #[tokio::test]
+    async fn no_hand_over_while_due_items_wait_for_a_slot() {
+        let (_dir, ingest, _m, wake, (hand_over, mut handed)) = ingest(2).await;
+        // The dispatcher reports due items waiting for slots: new ones queue behind them.
+        hand_over.set_backlog(true);
+        let woken = wake.notified();
+        let outcome = ingest.accept(event("alice", "e1", "INBOX")).await.unwrap();
+        assert_eq!((outcome.queued, outcome.handed_over), (1, 0));
+        assert!(handed.try_recv().is_err());
+        tokio::time::timeout(Duration::from_secs(1), woken)
+            .await
+            .expect("the dispatcher was woken");
+    }
+
+    #[tokio::test]
+    async fn a_request_given_up_still_hands_its_item_over() {
+        let (_dir, ingest, _m, _wake, (_, mut handed)) = ingest(1).await;
+        // The caller drops the ingest before it is answered (a request the client gave
+        // up on): the committed item still reaches the dispatcher.
+        let accepting = ingest.accept(event("alice", "e1", "INBOX"));
+        let _ = tokio::time::timeout(Duration::ZERO, accepting).await;
+        let item = tokio::time::timeout(Duration::from_secs(5), handed.recv())
+            .await
+            .expect("handed over")
+            .unwrap();
+        assert_eq!(item.content.event_id.as_deref(), Some("e1"));
     }
 }

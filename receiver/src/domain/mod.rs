@@ -7,42 +7,29 @@
 //! * [`credentials`] — the short-lived salted cache of successful mail logins.
 //! * [`registry`] — registering, listing and removing a user's devices, guarded by the
 //!   user's own mail login, with the METADATA subscription kept in step.
-//! * [`ingest`] — accepting an event: durable commit of the event and its outbox items.
-//! * [`outbox`] — retry policy and the dispatcher that drives transports.
+//! * [`store`] — the persistence port: the `Store` trait a store implements, its records
+//!   (outbox items, completions, what an ingest did) and its error.
+//! * [`ingest`] — accepting an event: durable commit of the event and its outbox items,
+//!   the items written in flight handed to the dispatcher.
+//! * [`outbox`] — retry policy, the hand-over, and the dispatcher that drives transports.
+//! * [`throttle`] — failed logins slow down, then lock out, per client address and user.
 
+pub mod credential_watch;
 pub mod credentials;
 pub mod device;
 pub mod event;
 pub mod ingest;
 pub mod outbox;
 pub mod registry;
+pub mod resync;
+pub mod store;
+pub mod throttle;
 
-use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// A request field that failed validation, with a reason for the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
-
-impl FieldError {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
-    }
-}
-
-impl std::error::Error for FieldError {}
+/// A request field that failed validation, with a reason for the client (the wire
+/// formats' own type, so a notification body's errors need no mapping).
+pub use dovepush_protocol::FieldError;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_millis() -> i64 {
@@ -54,47 +41,15 @@ pub fn now_millis() -> i64 {
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-25T08:25:00.123Z`.
 pub fn format_millis(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil-from-days (proleptic Gregorian), after H. Hinnant's published algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        None => format!("{ms} ms since 1970"),
+    }
 }
 
 /// A uniform number in [0, 1) for retry jitter (not for secrets).
 pub fn jitter_unit() -> f64 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
-            let addr = &t as *const u64 as u64;
-            (t ^ addr.rotate_left(32)) | 1
-        });
-    }
-    STATE.with(|s| {
-        // xorshift64*
-        let mut x = s.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        s.set(x);
-        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
-    })
+    fastrand::f64()
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The one place errors become HTTP responses: every error is a JSON object
-//! `{"error": "...", "field": "..."}` with a 4xx/5xx status. Reasons never contain secrets.
+//! `{"error": "...", "field": "...", "rule": "..."}` (`field` and `rule` when they apply)
+//! with a 4xx/5xx status. Reasons never contain secrets.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -19,8 +20,12 @@ pub struct ApiError {
     pub status: StatusCode,
     pub error: String,
     pub field: Option<String>,
+    /// The rule that refused a Web Push endpoint (`loopback`, `private`, `metadata`, …).
+    pub rule: Option<&'static str>,
     challenge: Option<&'static str>,
     allow: Option<&'static str>,
+    /// Seconds for `Retry-After`.
+    retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -28,6 +33,8 @@ struct ErrorBody<'a> {
     error: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<&'a str>,
 }
 
 impl ApiError {
@@ -36,8 +43,10 @@ impl ApiError {
             status,
             error: error.into(),
             field: None,
+            rule: None,
             challenge: None,
             allow: None,
+            retry_after: None,
         }
     }
 
@@ -55,6 +64,17 @@ impl ApiError {
             ..Self::new(
                 StatusCode::UNAUTHORIZED,
                 "authentication required or invalid",
+            )
+        }
+    }
+
+    /// 401 for a bearer token the mail server refused (RFC 6750 §3.1).
+    pub fn invalid_token() -> Self {
+        Self {
+            challenge: Some("Bearer realm=\"dovepush\", error=\"invalid_token\""),
+            ..Self::new(
+                StatusCode::UNAUTHORIZED,
+                "the mail server refused the token",
             )
         }
     }
@@ -85,6 +105,17 @@ impl ApiError {
         )
     }
 
+    /// 429 with `Retry-After`: too many failed logins from this address or for this user.
+    pub fn too_many_failed_logins(wait: std::time::Duration) -> Self {
+        Self {
+            retry_after: Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed logins: try again later",
+            )
+        }
+    }
+
     pub fn unavailable(what: &str) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, what)
     }
@@ -96,6 +127,7 @@ impl ApiError {
             &ErrorBody {
                 error: &self.error,
                 field: self.field.as_deref(),
+                rule: self.rule,
             },
         );
         if let Some(c) = self.challenge {
@@ -105,6 +137,10 @@ impl ApiError {
         if let Some(a) = self.allow {
             resp.headers_mut()
                 .insert(hyper::header::ALLOW, HeaderValue::from_static(a));
+        }
+        if let Some(seconds) = self.retry_after {
+            resp.headers_mut()
+                .insert(hyper::header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         resp
     }
@@ -123,6 +159,11 @@ impl From<RegistryError> for ApiError {
                 StatusCode::BAD_GATEWAY,
                 "the mail server refused the push subscription (is imap_metadata enabled?)",
             ),
+            RegistryError::EndpointRefused(e) => ApiError {
+                field: Some("endpoint".into()),
+                rule: Some(e.rule()),
+                ..ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+            },
             RegistryError::Store(e) => {
                 tracing::error!(error = %e, "Store failure.");
                 ApiError::unavailable("store unavailable, try again later")
@@ -163,5 +204,20 @@ mod tests {
             .starts_with("Basic"));
         let r = ApiError::from(RegistryError::NotFound).into_response();
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn a_refused_endpoint_names_the_rule() {
+        let refused = dovepush_push::webpush::EndpointRefused::Literal {
+            address: "127.0.0.1".parse().unwrap(),
+            class: dovepush_push::webpush::AddressClass::Loopback,
+        };
+        let r = ApiError::from(RegistryError::EndpointRefused(refused)).into_response();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["field"], "endpoint");
+        assert_eq!(v["rule"], "loopback");
+        assert!(v["error"].as_str().unwrap().contains("loopback"), "{v}");
     }
 }

@@ -2,6 +2,8 @@
 //! transports), and a tiny HTTP/1.1 client.
 #![allow(dead_code)]
 
+pub mod child;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,10 +11,12 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use bytes::Bytes;
+use dovepush_push::{Device, DeviceKind, Notification, Outcome, Transport};
 use dovepush_receiver::config::Config;
-use dovepush_receiver::mailserver::{MailError, MailServer, SubscriptionChange};
-use dovepush_receiver::store::BoxFuture;
-use dovepush_receiver::transport::{Outcome, Push, SendFuture, Transport, Transports};
+use dovepush_receiver::domain::resync::{SubscriptionDirectory, UserValues};
+use dovepush_receiver::mailserver::{MailCredential, MailError, MailServer, SubscriptionChange};
+use dovepush_receiver::transport::Transports;
+use futures_util::future::BoxFuture;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
@@ -40,6 +44,10 @@ path = "{}"
 [outbox]
 retry_initial_seconds = 1
 coalesce_milliseconds = 0
+[devices]
+# Tests log in wrongly on purpose: no throttling unless a test asks for it.
+max_failed_logins = 1000
+failure_delay_milliseconds = 0
 [[apps]]
 id = "mail"
 {extra}
@@ -50,6 +58,108 @@ id = "mail"
 
 pub fn config(dir: &Path, extra: &str) -> Config {
     Config::parse(&config_text(dir, extra), &dir.join("receiver.toml")).expect("test config")
+}
+
+/// Which store a test's receiver uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    /// A database of its own on the test binary's private PostgreSQL.
+    Postgres,
+}
+
+/// [`config_text`] with the store on `backend`. The PostgreSQL database is made at the
+/// first call for `dir` and named in a file there, so a receiver restarted with the same
+/// `dir` finds its data again.
+pub fn config_text_on(dir: &Path, extra: &str, backend: Backend) -> String {
+    let text = config_text(dir, extra);
+    match backend {
+        Backend::Sqlite => text,
+        Backend::Postgres => {
+            let pg = dovepush_testkit::postgres::shared();
+            let name_file = dir.join("pg-database");
+            let db = match std::fs::read_to_string(&name_file) {
+                Ok(db) => db,
+                Err(_) => {
+                    let db = pg.fresh_database("receiver").expect("a test database");
+                    std::fs::write(&name_file, &db).unwrap();
+                    db
+                }
+            };
+            text.replace(
+                &format!("path = \"{}\"", dir.join("store.sqlite").display()),
+                &format!(
+                    "url = \"{}\"\npassword_file = \"{}\"\nsslmode = \"disable\"\npool_size = 4",
+                    pg.url(&db),
+                    pg.password_file().display()
+                ),
+            )
+        }
+    }
+}
+
+/// The event ids committed in the store of the receiver configured with `dir`.
+pub fn committed_event_ids(dir: &Path, backend: Backend) -> std::collections::HashSet<String> {
+    match backend {
+        Backend::Sqlite => {
+            dovepush_receiver::store::sqlite::inspect::event_ids(&dir.join("store.sqlite")).unwrap()
+        }
+        Backend::Postgres => {
+            let db = std::fs::read_to_string(dir.join("pg-database")).unwrap();
+            dovepush_testkit::postgres::shared()
+                .psql(
+                    &db,
+                    "SELECT event_id FROM events WHERE event_id IS NOT NULL",
+                )
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+}
+
+/// [`config`] with the store on `backend`.
+pub fn config_on(dir: &Path, extra: &str, backend: Backend) -> Config {
+    Config::parse(
+        &config_text_on(dir, extra, backend),
+        &dir.join("receiver.toml"),
+    )
+    .expect("test config")
+}
+
+/// One `#[tokio::test]` per store for each `async fn name(backend: Backend)` named:
+/// `name::sqlite` and `name::postgres`.
+#[macro_export]
+macro_rules! on_both_stores {
+    (multi_thread; $($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            }
+        )*
+    };
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+                #[tokio::test]
+                async fn postgres() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            }
+        )*
+    };
 }
 
 /// A mail server that knows fixed users and records subscription changes.
@@ -76,12 +186,13 @@ impl MailServer for FakeMail {
     fn login<'a>(
         &'a self,
         login: &'a str,
-        password: &'a str,
+        credential: &'a MailCredential,
         change: SubscriptionChange,
+        _client: Option<std::net::IpAddr>,
     ) -> BoxFuture<'a, Result<(), MailError>> {
         Box::pin(async move {
             *self.logins.lock().unwrap() += 1;
-            if self.users.get(login).map(String::as_str) != Some(password) {
+            if self.users.get(login).map(String::as_str) != Some(credential.secret()) {
                 return Err(MailError::Rejected);
             }
             if change != SubscriptionChange::Keep {
@@ -108,6 +219,60 @@ impl MailServer for FakeMail {
     }
 }
 
+/// The fake's users' subscriptions, as a directory that knows none (no drift).
+impl SubscriptionDirectory for FakeMail {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    fn get<'a>(&'a self, _user: &'a str) -> BoxFuture<'a, Result<Option<String>, MailError>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn set<'a>(
+        &'a self,
+        _user: &'a str,
+        _value: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), MailError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn list_all(&self) -> BoxFuture<'_, Result<Option<UserValues>, MailError>> {
+        Box::pin(async { Ok(None) })
+    }
+}
+
+/// One push as a test transport saw it: the device's and the notification's fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Push {
+    pub app: String,
+    pub transport: DeviceKind,
+    pub token: String,
+    pub user: String,
+    pub event_id: Option<String>,
+    pub folder: String,
+    pub uid: u32,
+    pub from: Option<String>,
+    pub subject: Option<String>,
+    pub unseen: Option<u32>,
+    pub coalesced: u32,
+}
+
+impl Push {
+    fn of(device: &Device, n: &Notification) -> Self {
+        Self {
+            app: device.app_id.clone(),
+            transport: device.kind,
+            token: device.token.clone(),
+            user: n.user.clone(),
+            event_id: n.event_id.clone(),
+            folder: n.folder.clone(),
+            uid: n.uid,
+            from: n.from.clone(),
+            subject: n.subject.clone(),
+            unseen: n.unseen,
+            coalesced: n.coalesced,
+        }
+    }
+}
+
 /// A transport that records pushes and answers with scripted outcomes (then `Delivered`).
 #[derive(Default)]
 pub struct RecordingTransport {
@@ -131,9 +296,16 @@ impl RecordingTransport {
 }
 
 impl Transport for RecordingTransport {
-    fn send<'a>(&'a self, push: &'a Push) -> SendFuture<'a> {
+    fn send<'a>(
+        &'a self,
+        device: &'a Device,
+        notification: &'a Notification,
+    ) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
-            self.pushes.lock().unwrap().push(push.clone());
+            self.pushes
+                .lock()
+                .unwrap()
+                .push(Push::of(device, notification));
             if let Some(o) = self.script.lock().unwrap().pop_front() {
                 return o;
             }
@@ -141,7 +313,7 @@ impl Transport for RecordingTransport {
                 .lock()
                 .unwrap()
                 .clone()
-                .unwrap_or(Outcome::Delivered)
+                .unwrap_or(Outcome::Delivered { id: None })
         })
     }
 }
@@ -156,14 +328,36 @@ pub struct Running {
 
 impl Running {
     pub async fn start(config: Config, transports: Transports, mail: Arc<dyn MailServer>) -> Self {
+        let directory = dovepush_receiver::directory::from_config(&config.dovecot).unwrap();
+        Self::start_with_directory(config, transports, mail, directory).await
+    }
+
+    /// With this directory behind `/v1/status/drift` instead of the configured one.
+    pub async fn start_with_directory(
+        config: Config,
+        transports: Transports,
+        mail: Arc<dyn MailServer>,
+        directory: Option<Arc<dyn SubscriptionDirectory>>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let store_path = config.store.path.clone();
+        let store_path = config
+            .store
+            .sqlite_path()
+            .map(PathBuf::from)
+            .unwrap_or_default();
         let (stop, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            dovepush_receiver::run_with(listener, config, transports, mail, async {
-                let _ = rx.await;
-            })
+            dovepush_receiver::run_with_directory(
+                listener,
+                config,
+                transports,
+                mail,
+                directory,
+                async {
+                    let _ = rx.await;
+                },
+            )
             .await
             .expect("receiver runs");
         });
@@ -322,4 +516,42 @@ pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until the receiver's outbox is empty (`dovepush_outbox_depth 0`): every push it
+/// had to send has been sent and its outcome recorded, so nothing more is pushed until the
+/// next event. Returns the metrics text. (Sleeping a while would only make that likely.)
+pub async fn outbox_settled(addr: SocketAddr) -> String {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let m = admin_get(addr, "/metrics").await.text();
+        if m.contains("dovepush_outbox_depth 0\n") {
+            return m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for an empty outbox:\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A mock APNs (HTTP/2 + TLS, checking provider tokens) and the `[[apps]]` keys of app
+/// `mail` pointing at it; its CA and the provider key are written into `dir`.
+pub async fn mock_apns_app(dir: &Path) -> (dovepush_mocks::MockApns, String) {
+    let pki = dovepush_mocks::TestPki::new();
+    pki.write_ca(&dir.join("ca.pem")).unwrap();
+    let key = dovepush_mocks::ProviderKey::generate("TEAMAAAAAA", "KEYAAAAAAA");
+    std::fs::write(dir.join("AuthKey.p8"), &key.p8_pem).unwrap();
+    let apns = dovepush_mocks::MockApns::start(&pki, std::slice::from_ref(&key))
+        .await
+        .unwrap();
+    let app = format!(
+        "privacy = \"full\"\n[apps.apns]\ntopic = \"com.example.mail\"\nteam_id = \"{}\"\n\
+         key_id = \"{}\"\nkey_file = \"AuthKey.p8\"\nendpoint = \"{}\"\nca_file = \"ca.pem\"\n",
+        key.team_id,
+        key.key_id,
+        apns.url()
+    );
+    (apns, app)
 }

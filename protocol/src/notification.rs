@@ -1,0 +1,356 @@
+//! The ox driver's notification body and the event-id header.
+//!
+//! Keys, order and types follow Dovecot's ox driver (2.3 and 2.4 alike): `user`,
+//! `event`, `folder`, `imap-uidvalidity`, `imap-uid`, then `from`, `subject`, `snippet`
+//! and `unseen` when known. Serialising a [`Notification`] gives the ox driver's body
+//! byte for byte (compact JSON, keys in that order); [`Notification::from_json`] accepts
+//! the stock driver's bodies and the OX middleware's `unread` in place of `unseen`, and
+//! names the field at fault when it refuses one.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The request header carrying an event's id: the same for every endpoint and every
+/// retry or replay of one event, so that a receiver can drop repeats.
+pub const EVENT_ID_HEADER: &str = "X-Dovepush-Event-Id";
+/// Longest accepted event id.
+pub const MAX_EVENT_ID_LEN: usize = 128;
+/// At most this many bytes of `from` and of `subject` are sent (cut at a character
+/// boundary), so that no body nears a receiver's 64 KiB limit.
+pub const MAX_HEADER_BYTES: usize = 4096;
+/// Snippets are at most 200 characters (Dovecot's own limit).
+pub const MAX_SNIPPET_CHARS: usize = 200;
+
+/// What happened. Only new mail today; the ox driver's spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    #[serde(rename = "messageNew", alias = "MessageNew")]
+    MessageNew,
+}
+
+/// One ox notification body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawNotification")]
+pub struct Notification {
+    /// The Dovecot username, or with `user_from_metadata` the METADATA's `user=` value.
+    pub user: String,
+    pub event: EventKind,
+    pub folder: String,
+    #[serde(rename = "imap-uidvalidity")]
+    pub uidvalidity: u32,
+    #[serde(rename = "imap-uid")]
+    pub uid: u32,
+    /// Raw (RFC 2047-encoded) header values, as the ox driver sends them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snippet: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unseen: Option<u32>,
+}
+
+/// A body field that could not be accepted, with a reason for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// The JSON key (or `body` when the document itself is wrong).
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+/// The body as sent, every key optional so that a missing one is named; unknown keys
+/// are ignored (the ox format may grow).
+#[derive(Deserialize)]
+struct RawNotification {
+    user: Option<String>,
+    event: Option<String>,
+    folder: Option<String>,
+    #[serde(rename = "imap-uidvalidity")]
+    uidvalidity: Option<u32>,
+    #[serde(rename = "imap-uid")]
+    uid: Option<u32>,
+    from: Option<String>,
+    subject: Option<String>,
+    snippet: Option<String>,
+    unseen: Option<u32>,
+    /// The OX middleware's name for `unseen`.
+    unread: Option<u32>,
+}
+
+impl TryFrom<RawNotification> for Notification {
+    type Error = FieldError;
+
+    fn try_from(raw: RawNotification) -> Result<Self, FieldError> {
+        let missing = |field: &str| FieldError::new(field, "missing");
+        let user = raw.user.ok_or_else(|| missing("user"))?;
+        if user.is_empty() {
+            return Err(FieldError::new("user", "must not be empty"));
+        }
+        let event = match raw.event.as_deref() {
+            None => return Err(missing("event")),
+            Some("messageNew" | "MessageNew") => EventKind::MessageNew,
+            Some(other) => {
+                return Err(FieldError::new(
+                    "event",
+                    format!("unsupported event {other:?}: only \"messageNew\" is handled"),
+                ))
+            }
+        };
+        let folder = raw.folder.ok_or_else(|| missing("folder"))?;
+        if folder.is_empty() {
+            return Err(FieldError::new("folder", "must not be empty"));
+        }
+        Ok(Notification {
+            user,
+            event,
+            folder,
+            uidvalidity: raw.uidvalidity.ok_or_else(|| missing("imap-uidvalidity"))?,
+            uid: raw.uid.ok_or_else(|| missing("imap-uid"))?,
+            from: raw.from,
+            subject: raw.subject,
+            snippet: raw.snippet,
+            unseen: raw.unseen.or(raw.unread),
+        })
+    }
+}
+
+impl Notification {
+    /// Parse a body, naming the field at fault.
+    pub fn from_json(body: &[u8]) -> Result<Notification, FieldError> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let parsed: Result<RawNotification, _> = serde_path_to_error::deserialize(&mut de);
+        let raw = match parsed {
+            Ok(raw) => raw,
+            Err(e) => {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                // A key of the top-level object, or the document itself (an array's
+                // elements have paths such as `[0]`).
+                let top_level = path == "." || path.is_empty() || path.starts_with('[');
+                let field = if top_level || inner.is_syntax() || inner.is_eof() {
+                    "body".to_string()
+                } else {
+                    path
+                };
+                let message = if field == "body" {
+                    if inner.classify() == serde_json::error::Category::Data {
+                        format!("expected a JSON object ({inner})")
+                    } else {
+                        format!("not valid JSON: {inner}")
+                    }
+                } else {
+                    strip_position(&inner.to_string())
+                };
+                return Err(FieldError::new(field, message));
+            }
+        };
+        de.end()
+            .map_err(|e| FieldError::new("body", format!("not valid JSON: {e}")))?;
+        Notification::try_from(raw)
+    }
+
+    /// The ox-compatible body: compact JSON, keys in the ox driver's order.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a notification always serialises")
+    }
+
+    /// Cut `from` and `subject` to [`MAX_HEADER_BYTES`] and the snippet to
+    /// [`MAX_SNIPPET_CHARS`] (senders apply this before sending).
+    pub fn within_limits(mut self) -> Notification {
+        for text in [&mut self.from, &mut self.subject].into_iter().flatten() {
+            let end = cut_bytes(text, MAX_HEADER_BYTES).len();
+            text.truncate(end);
+        }
+        if let Some(snippet) = &mut self.snippet {
+            let end = cut_chars(snippet, MAX_SNIPPET_CHARS).len();
+            snippet.truncate(end);
+        }
+        self
+    }
+}
+
+/// serde_json appends " at line L column C" to data errors: the field name says more.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// Checks an event id: 1-128 visible ASCII characters.
+pub fn validate_event_id(raw: &[u8]) -> Result<String, FieldError> {
+    if raw.is_empty() || raw.len() > MAX_EVENT_ID_LEN || !raw.iter().all(|b| b.is_ascii_graphic()) {
+        return Err(FieldError::new(
+            EVENT_ID_HEADER,
+            format!("must be 1-{MAX_EVENT_ID_LEN} visible ASCII characters"),
+        ));
+    }
+    Ok(String::from_utf8_lossy(raw).into_owned())
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+pub fn cut_bytes(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The first `max` characters of `text`.
+pub fn cut_chars(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => &text[..end],
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notification() -> Notification {
+        Notification {
+            user: "3@2".into(),
+            event: EventKind::MessageNew,
+            folder: "INBOX".into(),
+            uidvalidity: 1655200000,
+            uid: 42,
+            from: Some("=?utf-8?q?=C3=84?= <alice@example.org>".into()),
+            subject: Some("Test =?utf-8?q?p=C3=A4iv=C3=A4=C3=A4?=".into()),
+            snippet: Some("Hey guys This is only a test...".into()),
+            unseen: Some(2),
+        }
+    }
+
+    const STOCK: &str = r#"{"user":"3@2","event":"messageNew","folder":"INBOX","imap-uidvalidity":1655200000,"imap-uid":42,"from":"=?utf-8?q?=C3=84?= <alice@example.org>","subject":"Test =?utf-8?q?p=C3=A4iv=C3=A4=C3=A4?=","snippet":"Hey guys This is only a test...","unseen":2}"#;
+
+    #[test]
+    fn body_matches_the_ox_driver_byte_for_byte() {
+        assert_eq!(notification().to_json(), STOCK);
+        assert_eq!(
+            Notification::from_json(STOCK.as_bytes()).unwrap(),
+            notification()
+        );
+    }
+
+    #[test]
+    fn absent_fields_are_left_out() {
+        let n = Notification {
+            from: None,
+            subject: None,
+            snippet: None,
+            unseen: None,
+            ..notification()
+        };
+        assert_eq!(
+            n.to_json(),
+            r#"{"user":"3@2","event":"messageNew","folder":"INBOX","imap-uidvalidity":1655200000,"imap-uid":42}"#
+        );
+    }
+
+    #[test]
+    fn escapes_and_folding_survive_a_round_trip() {
+        let n = Notification {
+            subject: Some("a \"quoted\"\n\tfolded \\ line\u{1}".into()),
+            ..notification()
+        };
+        let back = Notification::from_json(n.to_json().as_bytes()).unwrap();
+        assert_eq!(back.subject, n.subject);
+    }
+
+    #[test]
+    fn limits_cut_at_character_boundaries() {
+        let n = Notification {
+            subject: Some("ä".repeat(1_000_000)),
+            snippet: Some("ö".repeat(1000)),
+            ..notification()
+        }
+        .within_limits();
+        let subject = n.subject.unwrap();
+        assert_eq!(subject.len(), MAX_HEADER_BYTES);
+        assert!(subject.chars().all(|c| c == 'ä'));
+        assert_eq!(n.snippet.unwrap().chars().count(), MAX_SNIPPET_CHARS);
+        assert_eq!(cut_bytes("aäb", 2), "a");
+        assert_eq!(cut_bytes("aäb", 3), "aä");
+        assert_eq!(cut_chars("aäbc", 2), "aä");
+        assert_eq!(cut_chars("ab", 5), "ab");
+    }
+
+    #[test]
+    fn accepts_both_event_spellings_unread_and_unknown_keys() {
+        let body = r#"{"user":"a","event":"MessageNew","folder":"INBOX","imap-uidvalidity":1,"imap-uid":0,"unread":5,"extra":true,"from":null}"#;
+        let n = Notification::from_json(body.as_bytes()).unwrap();
+        assert_eq!(n.uid, 0);
+        assert_eq!(n.unseen, Some(5));
+        assert_eq!(n.from, None);
+        assert_eq!(n.event, EventKind::MessageNew);
+    }
+
+    #[test]
+    fn names_the_bad_field() {
+        let cases: &[(&str, &str)] = &[
+            ("not json", "body"),
+            ("[1]", "body"),
+            ("{} trailing", "body"),
+            (r#"{"event":"messageNew"}"#, "user"),
+            (r#"{"user":"a","event":"flagsSet"}"#, "event"),
+            (r#"{"user":"a","event":"messageNew","folder":3}"#, "folder"),
+            (
+                r#"{"user":"a","event":"messageNew","folder":"INBOX","imap-uidvalidity":-1,"imap-uid":1}"#,
+                "imap-uidvalidity",
+            ),
+            (
+                r#"{"user":"a","event":"messageNew","folder":"INBOX","imap-uidvalidity":1}"#,
+                "imap-uid",
+            ),
+            (
+                r#"{"user":"a","event":"messageNew","folder":"INBOX","imap-uidvalidity":1,"imap-uid":4294967296}"#,
+                "imap-uid",
+            ),
+            (
+                r#"{"user":"a","event":"messageNew","folder":"INBOX","imap-uidvalidity":1,"imap-uid":1,"subject":5}"#,
+                "subject",
+            ),
+            (
+                r#"{"user":"","event":"messageNew","folder":"INBOX","imap-uidvalidity":1,"imap-uid":1}"#,
+                "user",
+            ),
+        ];
+        for (body, field) in cases {
+            let err = Notification::from_json(body.as_bytes()).unwrap_err();
+            assert_eq!(err.field, *field, "{body}: {err}");
+            assert!(!err.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn event_ids_are_checked() {
+        assert_eq!(validate_event_id(b"abc-123").unwrap(), "abc-123");
+        assert!(validate_event_id(b"").is_err());
+        assert!(validate_event_id(b"has space").is_err());
+        assert!(validate_event_id(&[b'a'; 129]).is_err());
+    }
+}

@@ -1,0 +1,330 @@
+//! The `Store` contract, as tests every backend runs: each test is a function generic
+//! over a [`Backend`] (how to open a store, and open it again as a restarted process
+//! would), and [`store_conformance_tests!`] makes one `#[tokio::test]` per function for a
+//! backend (`store::sqlite` and `store::postgres` invoke it).
+
+use std::collections::HashSet;
+use std::future::Future;
+
+use crate::domain::device::DeviceRegistration;
+use crate::domain::event::NewMailEvent;
+use crate::domain::store::{
+    Completed, Completion, Ingested, RegisterOutcome, RemoveOutcome, Store,
+};
+use dovepush_push::{DeviceKind, Privacy};
+
+/// A store backend under test.
+pub(crate) trait Backend: Sized {
+    type S: Store;
+    /// A backend with no data.
+    fn new() -> impl Future<Output = Self>;
+    /// Opens the store as `serve` does; a second call opens the same data again, as the
+    /// same receiver restarted (the previous store dropped without `close`: a crash).
+    fn open(&self) -> impl Future<Output = Self::S>;
+    /// The event ids committed.
+    fn event_ids(&self) -> impl Future<Output = HashSet<String>>;
+}
+
+/// One `#[tokio::test]` per contract test for `$backend`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! store_conformance_tests {
+    ($backend:ty) => {
+        $crate::store_conformance_tests!(
+            $backend;
+            ingest_writes_a_due_item_in_flight_within_its_limit,
+            nothing_in_flight_when_not_due,
+            ingest_fans_out_dedups_and_coalesces,
+            delete_device_completion_reports_last_device,
+            in_flight_items_survive_reopen,
+            remove_and_queue_commands
+        );
+    };
+    ($backend:ty; $($name:ident),*) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let backend = <$backend as $crate::store::conformance::Backend>::new().await;
+                $crate::store::conformance::$name(&backend).await;
+            }
+        )*
+    };
+}
+
+async fn depth(s: &impl Store) -> u64 {
+    s.outbox_depth().await.unwrap()
+}
+
+fn event(user: &str, id: Option<&str>, uid: u32, at: i64) -> NewMailEvent {
+    NewMailEvent {
+        event_id: id.map(str::to_owned),
+        user: user.into(),
+        folder: "INBOX".into(),
+        uidvalidity: 1,
+        uid,
+        from: None,
+        subject: Some(format!("s{uid}")),
+        snippet: None,
+        unseen: Some(uid),
+        received_at: at,
+    }
+}
+
+fn reg(user: &str, token: &str, mailboxes: &[&str]) -> DeviceRegistration {
+    DeviceRegistration {
+        user: user.into(),
+        app: "mail".into(),
+        transport: DeviceKind::Apns,
+        token: token.into(),
+        mailboxes: mailboxes.iter().map(|s| s.to_string()).collect(),
+        privacy: Privacy::Full,
+    }
+}
+
+/// Ingests `event`, due at `due_at`, with room for `limit` items in flight.
+async fn ingest(s: &impl Store, event: NewMailEvent, due_at: i64, limit: usize) -> Ingested {
+    s.ingest(event, due_at, limit).await
+}
+
+pub(crate) async fn ingest_writes_a_due_item_in_flight_within_its_limit<B: Backend>(b: &B) {
+    let s = b.open().await;
+    s.register_device(reg("alice", "t1", &["INBOX"]), 1)
+        .await
+        .unwrap();
+    s.register_device(reg("bob", "t2", &["INBOX"]), 1)
+        .await
+        .unwrap();
+
+    let first = ingest(&s, event("alice", Some("e1"), 1, 10), 10, 1).await;
+    let o = first.result.unwrap();
+    assert_eq!((o.queued, o.handed_over), (1, 1));
+    assert_eq!(first.in_flight.len(), 1, "returned once committed");
+    let item = &first.in_flight[0];
+    assert_eq!(
+        (item.content.uid, item.device.device.token.as_str()),
+        (1, "t1")
+    );
+    assert!(
+        s.claim_due(100, 10).await.unwrap().is_empty(),
+        "it is in flight already"
+    );
+
+    // No room left: bob's item waits for a claim.
+    let bob = ingest(&s, event("bob", Some("e2"), 1, 11), 11, 0).await;
+    let o = bob.result.unwrap();
+    assert_eq!((o.queued, o.handed_over), (1, 0));
+    assert!(bob.in_flight.is_empty());
+
+    // alice's device has an item in flight: even with room her next item is pending
+    // (and absorbs later events) until that push is done.
+    let o = ingest(&s, event("alice", Some("e3"), 2, 12), 12, 1)
+        .await
+        .result
+        .unwrap();
+    assert_eq!((o.queued, o.handed_over), (1, 0));
+    let o = ingest(&s, event("alice", Some("e4"), 3, 13), 13, 1)
+        .await
+        .result
+        .unwrap();
+    assert_eq!((o.queued, o.coalesced, o.handed_over), (0, 1, 0));
+    assert_eq!(depth(&s).await, 3);
+}
+
+pub(crate) async fn nothing_in_flight_when_not_due<B: Backend>(b: &B) {
+    let s = b.open().await;
+    s.register_device(reg("alice", "t1", &["INBOX"]), 1)
+        .await
+        .unwrap();
+    // Due later (a coalescing window).
+    let later = ingest(&s, event("alice", Some("e1"), 1, 10), 500, 2).await;
+    let o = later.result.unwrap();
+    assert_eq!((o.queued, o.handed_over), (1, 0));
+    assert!(later.in_flight.is_empty());
+}
+
+pub(crate) async fn ingest_fans_out_dedups_and_coalesces<B: Backend>(b: &B) {
+    let s = b.open().await;
+    let r = s
+        .register_device(reg("alice", "t1", &["INBOX"]), 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        RegisterOutcome {
+            created: true,
+            devices_before: 0
+        }
+    );
+    let r = s
+        .register_device(reg("alice", "t2", &["Work"]), 2)
+        .await
+        .unwrap();
+    assert_eq!(r.devices_before, 1);
+    let r = s
+        .register_device(reg("alice", "t1", &["INBOX"]), 3)
+        .await
+        .unwrap();
+    assert!(!r.created);
+
+    let o = ingest(&s, event("alice", Some("e1"), 1, 10), 10, 0)
+        .await
+        .result
+        .unwrap();
+    assert_eq!((o.matched_devices, o.queued, o.coalesced), (1, 1, 0));
+    let o = ingest(&s, event("alice", Some("e1"), 1, 11), 11, 0)
+        .await
+        .result
+        .unwrap();
+    assert!(o.duplicate);
+    let o = ingest(&s, event("alice", Some("e2"), 2, 12), 12, 0)
+        .await
+        .result
+        .unwrap();
+    assert_eq!((o.queued, o.coalesced), (0, 1));
+    let o = ingest(&s, event("bob", None, 1, 12), 12, 0)
+        .await
+        .result
+        .unwrap();
+    assert_eq!(o.matched_devices, 0);
+    assert_eq!(depth(&s).await, 1);
+
+    let items = s.claim_due(100, 10).await.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].content.uid, 2);
+    assert_eq!(items[0].content.unseen, Some(2));
+    assert_eq!(items[0].content.coalesced, 1);
+    assert_eq!(items[0].device.device.token, "t1");
+    assert!(s.claim_due(100, 10).await.unwrap().is_empty());
+
+    // A new event while the first is in flight makes a second item.
+    let o = ingest(&s, event("alice", Some("e3"), 3, 13), 13, 0)
+        .await
+        .result
+        .unwrap();
+    assert_eq!(o.queued, 1);
+    assert_eq!(depth(&s).await, 2);
+    let done = s
+        .complete(vec![Completed {
+            item_id: items[0].id,
+            device_id: items[0].device.id,
+            user: "alice".into(),
+            at: 20,
+            completion: Completion::Retry {
+                due_at: 50,
+                reason: "busy".into(),
+            },
+        }])
+        .await
+        .unwrap();
+    assert!(done.users_without_devices.is_empty());
+    // The retried (older) item folded into the pending newer one.
+    assert_eq!(depth(&s).await, 1);
+    let items = s.claim_due(100, 10).await.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].content.uid, 3);
+    s.complete(vec![Completed {
+        item_id: items[0].id,
+        device_id: items[0].device.id,
+        user: "alice".into(),
+        at: 30,
+        completion: Completion::Delivered,
+    }])
+    .await
+    .unwrap();
+    assert_eq!(depth(&s).await, 0);
+    let devs = s.devices_of("alice".into()).await.unwrap();
+    assert_eq!(devs[0].last_success_at, Some(30));
+    assert_eq!(devs[0].last_error.as_deref(), Some("busy"));
+}
+
+pub(crate) async fn delete_device_completion_reports_last_device<B: Backend>(b: &B) {
+    let s = b.open().await;
+    s.register_device(reg("alice", "t1", &["INBOX"]), 1)
+        .await
+        .unwrap();
+    ingest(&s, event("alice", None, 1, 10), 10, 0)
+        .await
+        .result
+        .unwrap();
+    let items = s.claim_due(10, 10).await.unwrap();
+    let out = s
+        .complete(vec![Completed {
+            item_id: items[0].id,
+            device_id: items[0].device.id,
+            user: "alice".into(),
+            at: 11,
+            completion: Completion::DeleteDevice {
+                reason: "Unregistered".into(),
+            },
+        }])
+        .await
+        .unwrap();
+    assert_eq!(out.users_without_devices, vec!["alice".to_string()]);
+    let subs = s.subscriptions(None).await.unwrap();
+    assert_eq!(subs.len(), 1);
+    assert_eq!(subs[0].last_error.as_deref(), Some("Unregistered"));
+    assert!(subs[0].devices.is_empty());
+    assert_eq!(depth(&s).await, 0);
+}
+
+pub(crate) async fn in_flight_items_survive_reopen<B: Backend>(b: &B) {
+    {
+        let s = b.open().await;
+        s.register_device(reg("alice", "t1", &["INBOX"]), 1)
+            .await
+            .unwrap();
+        ingest(&s, event("alice", Some("a"), 1, 10), 10, 0)
+            .await
+            .result
+            .unwrap();
+        assert_eq!(s.claim_due(10, 10).await.unwrap().len(), 1);
+        ingest(&s, event("alice", Some("b"), 2, 11), 11, 0)
+            .await
+            .result
+            .unwrap();
+        // Dropped without `close`: a crash.
+    }
+    let s = b.open().await;
+    assert_eq!(depth(&s).await, 1);
+    let items = s.claim_due(100, 10).await.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].content.event_id.as_deref(), Some("b"));
+    assert_eq!(items[0].content.coalesced, 1);
+    drop(s);
+    assert!(b.event_ids().await.contains("a"));
+}
+
+pub(crate) async fn remove_and_queue_commands<B: Backend>(b: &B) {
+    let s = b.open().await;
+    s.register_device(reg("alice", "t1", &["INBOX"]), 1)
+        .await
+        .unwrap();
+    s.register_device(reg("bob", "t1", &["INBOX"]), 1)
+        .await
+        .unwrap();
+    ingest(&s, event("alice", None, 1, 10), 1000, 0)
+        .await
+        .result
+        .unwrap();
+    let q = s.queue_list(10).await.unwrap();
+    assert_eq!(q.len(), 1);
+    assert!(s.queue_retry(q[0].id, 20).await.unwrap());
+    assert_eq!(s.next_due_at().await.unwrap(), Some(20));
+    assert!(s.queue_drop(q[0].id).await.unwrap());
+    assert!(!s.queue_drop(q[0].id).await.unwrap());
+    ingest(&s, event("alice", None, 2, 10), 10, 0)
+        .await
+        .result
+        .unwrap();
+    let r = s.remove_device("alice".into(), "t1".into()).await.unwrap();
+    assert_eq!(
+        r,
+        RemoveOutcome {
+            removed: true,
+            devices_left: 0
+        }
+    );
+    assert_eq!(depth(&s).await, 0);
+    assert_eq!(s.devices_of("bob".into()).await.unwrap().len(), 1);
+    assert_eq!(s.prune_events(11).await.unwrap(), 2);
+}
