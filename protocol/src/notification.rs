@@ -2,7 +2,10 @@
 //!
 //! Keys, order and types follow Dovecot's ox driver (2.3 and 2.4 alike): `user`,
 //! `event`, `folder`, `imap-uidvalidity`, `imap-uid`, then `from`, `subject`, `snippet`
-//! and `unseen` when known. Serialising a [`Notification`] gives the ox driver's body
+//! and `unseen` when known. Besides the ox driver's `messageNew`, dovepush has two event
+//! kinds of its own that report a changed unseen count ([`EventKind::MessageRead`],
+//! [`EventKind::MessageExpunge`]); an endpoint gets them only when it asks for them
+//! ([`EventSet`], the `dovepush_events` setting), so the stock ox receiver never does. Serialising a [`Notification`] gives the ox driver's body
 //! byte for byte (compact JSON, keys in that order); [`Notification::from_json`] accepts
 //! the stock driver's bodies and the OX middleware's `unread` in place of `unseen`, and
 //! names the field at fault when it refuses one.
@@ -22,11 +25,144 @@ pub const MAX_HEADER_BYTES: usize = 4096;
 /// Snippets are at most 200 characters (Dovecot's own limit).
 pub const MAX_SNIPPET_CHARS: usize = 200;
 
-/// What happened. Only new mail today; the ox driver's spelling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What happened, in the ox driver's spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EventKind {
+    /// A mail was delivered (the ox driver's one event).
     #[serde(rename = "messageNew", alias = "MessageNew")]
     MessageNew,
+    /// `\Seen` was set or cleared on mails of the folder (one IMAP command's changes in
+    /// one event): `unseen` is the count after the change, `imap-uid` the highest UID
+    /// changed. dovepush only.
+    #[serde(rename = "messageRead", alias = "MessageRead")]
+    MessageRead,
+    /// Mails were expunged from the folder or moved out of it (one IMAP command's in one
+    /// event): `unseen` is the count after the change, `imap-uid` the highest UID
+    /// expunged. dovepush only.
+    #[serde(rename = "messageExpunge", alias = "MessageExpunge")]
+    MessageExpunge,
+}
+
+impl EventKind {
+    /// Every kind, in the order [`EventSet`] lists them.
+    pub const ALL: [EventKind; 3] = [
+        EventKind::MessageNew,
+        EventKind::MessageRead,
+        EventKind::MessageExpunge,
+    ];
+
+    /// The body's (and the settings') spelling: `messageNew`, `messageRead`,
+    /// `messageExpunge`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::MessageNew => "messageNew",
+            EventKind::MessageRead => "messageRead",
+            EventKind::MessageExpunge => "messageExpunge",
+        }
+    }
+
+    /// A kind by name; the ox driver's capitalised spelling (`MessageNew`) is accepted
+    /// too.
+    pub fn parse(name: &str) -> Option<EventKind> {
+        match name {
+            "messageNew" | "MessageNew" => Some(EventKind::MessageNew),
+            "messageRead" | "MessageRead" => Some(EventKind::MessageRead),
+            "messageExpunge" | "MessageExpunge" => Some(EventKind::MessageExpunge),
+            _ => None,
+        }
+    }
+
+    /// Whether this kind only updates the badge (no new mail to show).
+    pub fn is_badge_update(self) -> bool {
+        self != EventKind::MessageNew
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The event kinds an endpoint takes (`dovepush_events`). The default is `messageNew`
+/// alone: what the stock ox receiver understands.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EventSet(u8);
+
+impl Default for EventSet {
+    fn default() -> Self {
+        EventSet::only(EventKind::MessageNew)
+    }
+}
+
+impl EventSet {
+    /// No kind at all.
+    pub const NONE: EventSet = EventSet(0);
+
+    pub fn only(kind: EventKind) -> EventSet {
+        EventSet(kind.bit())
+    }
+
+    pub fn with(self, kind: EventKind) -> EventSet {
+        EventSet(self.0 | kind.bit())
+    }
+
+    pub fn contains(self, kind: EventKind) -> bool {
+        self.0 & kind.bit() != 0
+    }
+
+    /// Whether it has a kind besides `messageNew`.
+    pub fn has_badge_updates(self) -> bool {
+        EventKind::ALL
+            .into_iter()
+            .any(|k| k.is_badge_update() && self.contains(k))
+    }
+
+    /// Space-separated kind names (commas are taken as spaces too, so that the ox
+    /// line's `events=messageNew,messageRead` reads the same); an unknown name is an
+    /// error naming it. An empty list is an error: an endpoint that takes nothing is
+    /// one to remove.
+    pub fn parse(list: &str) -> Result<EventSet, String> {
+        let mut set = EventSet::NONE;
+        for name in list
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|n| !n.is_empty())
+        {
+            let kind = EventKind::parse(name).ok_or_else(|| {
+                format!(
+                    "unknown event {name:?} (expected messageNew, messageRead or messageExpunge)"
+                )
+            })?;
+            set = set.with(kind);
+        }
+        if set == EventSet::NONE {
+            return Err(
+                "no event named (expected messageNew, messageRead or messageExpunge)".into(),
+            );
+        }
+        Ok(set)
+    }
+}
+
+impl fmt::Display for EventSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = EventKind::ALL
+            .into_iter()
+            .filter(|k| self.contains(*k))
+            .map(EventKind::as_str)
+            .collect();
+        f.write_str(&names.join(" "))
+    }
+}
+
+impl fmt::Debug for EventSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EventSet({self})")
+    }
 }
 
 /// One ox notification body.
@@ -107,17 +243,25 @@ impl TryFrom<RawNotification> for Notification {
         }
         let event = match raw.event.as_deref() {
             None => return Err(missing("event")),
-            Some("messageNew" | "MessageNew") => EventKind::MessageNew,
-            Some(other) => {
-                return Err(FieldError::new(
+            Some(name) => EventKind::parse(name).ok_or_else(|| {
+                FieldError::new(
                     "event",
-                    format!("unsupported event {other:?}: only \"messageNew\" is handled"),
-                ))
-            }
+                    format!(
+                        "unsupported event {name:?}: \"messageNew\", \"messageRead\" and \"messageExpunge\" are handled"
+                    ),
+                )
+            })?,
         };
         let folder = raw.folder.ok_or_else(|| missing("folder"))?;
         if folder.is_empty() {
             return Err(FieldError::new("folder", "must not be empty"));
+        }
+        let unseen = raw.unseen.or(raw.unread);
+        if event.is_badge_update() && unseen.is_none() {
+            return Err(FieldError::new(
+                "unseen",
+                format!("missing: a {event} event carries the unseen count"),
+            ));
         }
         Ok(Notification {
             user,
@@ -128,7 +272,7 @@ impl TryFrom<RawNotification> for Notification {
             from: raw.from,
             subject: raw.subject,
             snippet: raw.snippet,
-            unseen: raw.unseen.or(raw.unread),
+            unseen,
         })
     }
 }
@@ -344,6 +488,54 @@ mod tests {
             assert_eq!(err.field, *field, "{body}: {err}");
             assert!(!err.message.is_empty());
         }
+    }
+
+    #[test]
+    fn badge_events_round_trip_and_need_unseen() {
+        let n = Notification {
+            event: EventKind::MessageRead,
+            uid: 7,
+            from: None,
+            subject: None,
+            snippet: None,
+            unseen: Some(0),
+            ..notification()
+        };
+        let json = n.to_json();
+        assert_eq!(
+            json,
+            r#"{"user":"3@2","event":"messageRead","folder":"INBOX","imap-uidvalidity":1655200000,"imap-uid":7,"unseen":0}"#
+        );
+        assert_eq!(Notification::from_json(json.as_bytes()).unwrap(), n);
+        let expunge = json.replace("messageRead", "messageExpunge");
+        assert_eq!(
+            Notification::from_json(expunge.as_bytes()).unwrap().event,
+            EventKind::MessageExpunge
+        );
+        let without = r#"{"user":"a","event":"messageRead","folder":"INBOX","imap-uidvalidity":1,"imap-uid":1}"#;
+        assert_eq!(
+            Notification::from_json(without.as_bytes())
+                .unwrap_err()
+                .field,
+            "unseen"
+        );
+    }
+
+    #[test]
+    fn event_sets_parse_and_print() {
+        let default = EventSet::default();
+        assert!(default.contains(EventKind::MessageNew));
+        assert!(!default.has_badge_updates());
+        let all = EventSet::parse("messageNew messageRead,MessageExpunge").unwrap();
+        assert!(EventKind::ALL.into_iter().all(|k| all.contains(k)));
+        assert!(all.has_badge_updates());
+        assert_eq!(all.to_string(), "messageNew messageRead messageExpunge");
+        let read = EventSet::parse(" messageRead ").unwrap();
+        assert!(!read.contains(EventKind::MessageNew));
+        assert!(EventSet::parse("messageNew flagsSet")
+            .unwrap_err()
+            .contains("\"flagsSet\""));
+        assert!(EventSet::parse(" ").is_err());
     }
 
     #[test]
