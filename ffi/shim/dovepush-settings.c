@@ -23,6 +23,11 @@
 
 static bool dovepush_settings_check(void *set, pool_t pool, const char **error_r);
 
+/* The event kinds dovepush_events may name (dovepush-protocol's EventKind). */
+static const char *const dovepush_event_names[] = {
+	"messageNew", "messageRead", "messageExpunge", NULL
+};
+
 #undef DEF
 #define DEF(type, name) \
 	SETTING_DEFINE_STRUCT_##type(#name, name, struct dovepush_settings)
@@ -34,6 +39,7 @@ static const struct setting_define dovepush_setting_defines[] = {
 	DEF(TIME_MSECS, dovepush_timeout_msecs),
 	DEF(BOOL, dovepush_user_from_metadata),
 	DEF(BOOL, dovepush_batch),
+	DEF(STR_NOVARS, dovepush_events),
 	{
 		.type = SET_FILTER_ARRAY,
 		.key = DOVEPUSH_SETTINGS_FILTER_NAME,
@@ -62,6 +68,7 @@ static const struct dovepush_settings dovepush_default_settings = {
 	.dovepush_timeout_msecs = 2000,
 	.dovepush_user_from_metadata = FALSE,
 	.dovepush_batch = FALSE,
+	.dovepush_events = "messageNew",
 	.dovepush = ARRAY_INIT,
 	.dovepush_cache_lifetime = 60 * 1000,
 	.dovepush_negative_cache_lifetime = 5 * 1000,
@@ -88,6 +95,35 @@ const struct setting_parser_info dovepush_setting_parser_info = {
 
 /* Runs in the config process (a bad value fails the config at start, naming
    the setting) and at each settings_get(). */
+/* dovepush_events: names separated by spaces or commas, each a known event
+   kind, at least one. */
+static bool dovepush_events_check(const char *value, const char **error_r)
+{
+	const char *const *names, *const *known;
+	unsigned int count = 0;
+
+	names = t_strsplit_spaces(value, " ,\t");
+	for (; *names != NULL; names++) {
+		for (known = dovepush_event_names; *known != NULL; known++) {
+			if (strcmp(*known, *names) == 0)
+				break;
+		}
+		if (*known == NULL) {
+			*error_r = t_strdup_printf("dovepush_events: unknown event "
+				"\"%s\" (expected messageNew, messageRead or "
+				"messageExpunge)", *names);
+			return FALSE;
+		}
+		count++;
+	}
+	if (count == 0) {
+		*error_r = "dovepush_events: no event named (expected "
+			"messageNew, messageRead or messageExpunge)";
+		return FALSE;
+	}
+	return TRUE;
+}
+
 static bool dovepush_settings_check(void *_set, pool_t pool,
 				    const char **error_r)
 {
@@ -110,6 +146,8 @@ static bool dovepush_settings_check(void *_set, pool_t pool,
 			return FALSE;
 		}
 	}
+	if (!dovepush_events_check(set->dovepush_events, error_r))
+		return FALSE;
 	if (set->dovepush_timeout_msecs == 0) {
 		*error_r = "dovepush_timeout_msecs must not be 0";
 		return FALSE;

@@ -21,6 +21,7 @@ struct dovepush_settings {
 	unsigned int dovepush_timeout_msecs;
 	bool dovepush_user_from_metadata;
 	bool dovepush_batch;
+	const char *dovepush_events;
 	ARRAY_TYPE(const_string) dovepush;
 
 	/* The plugin's. */

@@ -336,12 +336,18 @@ impl Dispatcher {
         }
     }
 
-    /// The copies of `record` for each endpoint that are neither held nor sent lately
-    /// (those are repeats, counted), with their endpoints' indexes and names.
+    /// The copies of `record` for each endpoint that takes its kind of event and that are
+    /// neither held nor sent lately (those are repeats, counted), with their endpoints'
+    /// indexes and names.
     fn fresh_copies(&mut self, record: &Record) -> Vec<(usize, Record, String)> {
         let mut fresh = Vec::with_capacity(self.endpoints.len());
         for (index, state) in self.endpoints.iter().enumerate() {
             let endpoint = &state.endpoint;
+            if !endpoint.events.contains(record.body.event) {
+                // Not an event this endpoint asked for (dovepush_events): the stock ox
+                // receiver gets only messageNew.
+                continue;
+            }
             let copy = record.for_endpoint(&endpoint.display_url, endpoint.user_from_metadata);
             let key = copy.file_name();
             if self.live.contains(&key) || self.recent.contains(&key) {

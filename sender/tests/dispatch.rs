@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use dovepush_protocol::notification::{EventKind, Notification};
+use dovepush_protocol::notification::{EventKind, EventSet, Notification};
 use dovepush_protocol::record::Record;
 use dovepush_sender::dispatch::{Ack, Counts, Dispatcher, Input};
 use dovepush_sender::http::Clients;
@@ -48,6 +48,7 @@ fn options(max_retries: u32, batch: bool) -> EndpointOptions {
         timeout: Duration::from_secs(10),
         user_from_metadata: false,
         batch,
+        events: EventSet::default(),
     }
 }
 
@@ -210,6 +211,53 @@ async fn each_endpoint_gets_every_event_and_each_record_is_acknowledged_once() {
     assert_eq!(ids(&a), ids(&b), "one id per event, for every endpoint");
     let counts = running.stop().await;
     assert_eq!((counts.sent, counts.persisted), (6, 0));
+}
+
+#[tokio::test]
+async fn an_endpoint_gets_only_the_event_kinds_it_takes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ox, mine) = (Sink::start(), Sink::start());
+    let mut badges = options(1, false);
+    badges.events = EventSet::parse("messageNew messageRead messageExpunge").unwrap();
+    let endpoints = [
+        endpoint(&ox.url(None), options(1, false)),
+        endpoint(&mine.url(None), badges),
+    ];
+    let mut running = Running::start(tmp.path(), &endpoints, Duration::from_secs(1));
+    let read = |n: u32, kind: EventKind| {
+        let mut r = record(n);
+        r.body.event = kind;
+        r.body.subject = None;
+        r
+    };
+    running.send(read(1, EventKind::MessageRead)).await;
+    running.send(read(2, EventKind::MessageExpunge)).await;
+    running.send(record(3)).await;
+    // Every record is acknowledged, also those no endpoint but one takes.
+    let acks = running.acks(3, WAIT).await;
+    assert_eq!(acks, HashMap::from([(1, 1), (2, 1), (3, 1)]));
+    let events = |s: &Sink| -> Vec<String> {
+        let mut e: Vec<String> = s
+            .requests()
+            .iter()
+            .map(|r| r.json()["event"].as_str().unwrap().to_string())
+            .collect();
+        e.sort();
+        e
+    };
+    assert_eq!(mine.wait_for(3, WAIT).len(), 3);
+    assert_eq!(
+        events(&mine),
+        ["messageExpunge", "messageNew", "messageRead"]
+    );
+    assert_eq!(ox.wait_for(1, WAIT).len(), 1);
+    let counts = running.stop().await;
+    assert_eq!(
+        events(&ox),
+        ["messageNew"],
+        "the stock ox receiver sees no badge event"
+    );
+    assert_eq!(counts.sent, 4);
 }
 
 #[tokio::test]

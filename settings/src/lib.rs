@@ -13,7 +13,12 @@
 //!   … for more endpoints, numbered without gaps as in `push_notification_driverN`);
 //! - separate settings: `dovepush_url` (`dovepush_url2`, …), `dovepush_max_retries`,
 //!   `dovepush_timeout_msecs`, `dovepush_cache_lifetime`, `dovepush_user_from_metadata`,
-//!   `dovepush_batch`.
+//!   `dovepush_batch`, `dovepush_events`.
+//!
+//! `dovepush_events` (an ox line's `events=`, a block's `events`) says which event
+//! kinds an endpoint takes; the default, `messageNew`, is all the stock ox receiver
+//! understands, so the badge events (`messageRead`, `messageExpunge`) go only to
+//! endpoints that ask for them.
 //!
 //! On Dovecot 2.4 the same names are typed settings (declared in
 //! `ffi/shim/dovepush-settings.c`; Dovecot checks their syntax), and several endpoints
@@ -31,6 +36,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use dovepush_protocol::notification::{EventKind, EventSet};
+
 /// The settings dovepush reads; `name` is looked up with [`Settings::get`].
 pub const SETTING_NAMES: &[&str] = &[
     "dovepush_cache_lifetime",
@@ -39,6 +46,7 @@ pub const SETTING_NAMES: &[&str] = &[
     "dovepush_timeout_msecs",
     "dovepush_user_from_metadata",
     "dovepush_batch",
+    "dovepush_events",
     "dovepush_mailboxes",
     "dovepush_spool_dir",
     "dovepush_spool_max_size",
@@ -127,6 +135,8 @@ pub struct Endpoint {
     /// Events queued while a request is in flight go together in one request to the
     /// receiver's batch URL (a dovepush receiver only; the ox receiver has none).
     pub batch: bool,
+    /// The event kinds this endpoint takes (`dovepush_events`; default `messageNew`).
+    pub events: EventSet,
 }
 
 /// An endpoint's options besides its URL.
@@ -136,6 +146,7 @@ pub struct EndpointOptions {
     pub timeout: Duration,
     pub user_from_metadata: bool,
     pub batch: bool,
+    pub events: EventSet,
 }
 
 impl Default for EndpointOptions {
@@ -145,6 +156,7 @@ impl Default for EndpointOptions {
             timeout: DEFAULT_TIMEOUT,
             user_from_metadata: false,
             batch: false,
+            events: EventSet::default(),
         }
     }
 }
@@ -161,6 +173,7 @@ impl fmt::Debug for Endpoint {
             .field("timeout", &self.timeout)
             .field("user_from_metadata", &self.user_from_metadata)
             .field("batch", &self.batch)
+            .field("events", &self.events)
             .finish()
     }
 }
@@ -204,6 +217,7 @@ impl Endpoint {
             timeout: options.timeout,
             user_from_metadata: options.user_from_metadata,
             batch: options.batch,
+            events: options.events,
         })
     }
 }
@@ -274,6 +288,7 @@ impl Config {
         )
         .unwrap_or(false);
         let batch = read(&get, &mut problems, "dovepush_batch", parse_bool).unwrap_or(false);
+        let events = read(&get, &mut problems, "dovepush_events", parse_events).unwrap_or_default();
         let debug = read(&get, &mut problems, "dovepush_debug", parse_bool).unwrap_or(false);
         let max_size = read(&get, &mut problems, "dovepush_spool_max_size", parse_size)
             .unwrap_or(DEFAULT_SPOOL_MAX_SIZE);
@@ -335,6 +350,7 @@ impl Config {
                 timeout,
                 user_from_metadata,
                 batch,
+                events,
             };
             match Endpoint::parse(&key, url.trim(), options) {
                 Ok(endpoint) => endpoints.push(endpoint),
@@ -422,6 +438,12 @@ fn named_endpoint(settings: &dyn Settings, block: &str) -> Result<Endpoint, Conf
             parse_bool,
             defaults.batch,
         )?,
+        events: option(
+            get("dovepush_events"),
+            key("dovepush_events"),
+            parse_events,
+            defaults.events,
+        )?,
     };
     let url = get("dovepush_url").ok_or_else(|| error(&key("dovepush_url"), "no url is set"))?;
     Endpoint::parse(&key("dovepush_url"), url.trim(), options)
@@ -467,7 +489,9 @@ pub fn parse_mailboxes(value: &str) -> Vec<String> {
 }
 
 /// Parse `ox:url=… cache_lifetime=… max_retries=… timeout_msecs=… user_from_metadata
-/// batch`.
+/// batch events=messageNew,messageRead,messageExpunge` (an ox line's endpoint takes only
+/// `messageNew` unless it says `events=`; the global `dovepush_events` is for the
+/// `dovepush_url` endpoints).
 /// Returns the endpoint and the line's `cache_lifetime`, if given.
 pub fn parse_ox_line(key: &str, line: &str) -> Result<(Endpoint, Option<Duration>), ConfigError> {
     let (driver, tokens) = line.split_once(':').unwrap_or((line, ""));
@@ -492,6 +516,7 @@ pub fn parse_ox_line(key: &str, line: &str) -> Result<(Endpoint, Option<Duration
             "user_from_metadata" => options.user_from_metadata = true,
             // dovepush's own flag, spelt the same way.
             "batch" => options.batch = true,
+            "events" => options.events = parse_events(value).map_err(fail)?,
             _ => {}
         }
     }
@@ -546,6 +571,12 @@ pub fn parse_msecs(value: &str) -> Result<Duration, String> {
         return Err("a timeout of 0 is not allowed".into());
     }
     Ok(timeout)
+}
+
+/// Event kind names (`messageNew messageRead messageExpunge`), separated by spaces or
+/// commas.
+pub fn parse_events(value: &str) -> Result<EventSet, String> {
+    EventSet::parse(value)
 }
 
 pub fn parse_u32(value: &str) -> Result<u32, String> {
@@ -812,6 +843,64 @@ mod tests {
         assert!(plain.batch && !plain.user_from_metadata);
         assert_eq!(plain.timeout, Duration::from_secs(2));
         assert_eq!(c.cache_lifetime, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn events_default_to_message_new_and_are_opt_in_per_endpoint() {
+        let badges = EventSet::parse("messageNew messageRead messageExpunge").unwrap();
+        let (c, problems) = config(&[
+            ("dovepush", "ox:url=http://ox/"),
+            (
+                "dovepush2",
+                "ox:url=http://mine/ events=messageNew,messageRead,messageExpunge",
+            ),
+            ("dovepush_url", "http://a/"),
+            ("dovepush_events", "messageNew messageRead messageExpunge"),
+        ]);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            c.endpoints[0].events,
+            EventSet::default(),
+            "an ox line is the stock driver's"
+        );
+        assert_eq!(c.endpoints[1].events, badges);
+        assert_eq!(c.endpoints[2].events, badges);
+        let (c, _) = config(&[("dovepush_url", "http://a/")]);
+        assert_eq!(c.endpoints[0].events, EventSet::default());
+        assert!(!c.endpoints[0].events.has_badge_updates());
+
+        let source = Dovecot24 {
+            global: map(&[("dovepush_url", "http://default/")]),
+            blocks: vec![
+                ("ox".into(), map(&[])),
+                (
+                    "mine".into(),
+                    map(&[("dovepush_events", "messageNew messageExpunge messageRead")]),
+                ),
+            ],
+        };
+        let (c, problems) = Config::from_settings(&source, "/var/lib/dovecot");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(c.endpoints[0].events, EventSet::default());
+        assert_eq!(c.endpoints[1].events, badges);
+    }
+
+    #[test]
+    fn a_bad_event_name_names_the_key_and_keeps_the_default() {
+        let (c, problems) = config(&[
+            ("dovepush_url", "http://a/"),
+            ("dovepush_events", "messageNew messageRaed"),
+        ]);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "dovepush_events");
+        let text = problems[0].to_string();
+        assert!(
+            text.contains("dovepush_events") && text.contains("\"messageRaed\""),
+            "{text}"
+        );
+        assert_eq!(c.endpoints[0].events, EventSet::default());
+        let e = parse_ox_line("dovepush", "ox:url=http://a/ events=all").unwrap_err();
+        assert!(e.to_string().contains("option events"), "{e}");
     }
 
     #[test]
