@@ -46,6 +46,26 @@ struct dovepush_commit {
 	uint32_t unseen;
 };
 
+/* Facts of a committed transaction outside deliveries (in imap: one IMAP
+   command's) that changed \Seen flags or expunged mails, valid only during
+   the callback. Moving mails out of a mailbox is an expunge there. */
+struct dovepush_change {
+	uint32_t uid_validity;
+	/* Mails that got \Seen, and mails that lost it. */
+	unsigned int seen_set;
+	unsigned int seen_cleared;
+	/* Mails expunged, and of those the ones without \Seen. */
+	unsigned int expunged;
+	unsigned int expunged_unseen;
+	/* The highest UID among the mails above. */
+	uint32_t last_uid;
+	/* When true, `unseen` is the mailbox's unseen count after the
+	   transaction, its expunges taken off (the index keeps expunged mails
+	   until the next sync). */
+	bool unseen_known;
+	uint32_t unseen;
+};
+
 /* Rust callbacks. Each one is entered through the Rust panic guard. */
 struct dovepush_callbacks {
 	/* First save of a delivery (POST_SESSION) transaction. Returns an opaque
@@ -59,6 +79,16 @@ struct dovepush_callbacks {
 				const struct dovepush_commit *commit);
 	/* The transaction was rolled back (or its commit failed); state is consumed. */
 	void (*delivery_rollback)(void *state);
+	/* The first \Seen change or expunge of a transaction that is not a
+	   delivery. Returns an opaque state for the transaction, or NULL when it
+	   is not of interest (then the rest of it costs nothing). */
+	void *(*change_begin)(struct mail_user *user, struct mailbox *box);
+	/* That transaction was committed; state is consumed. */
+	void (*change_commit)(void *state, struct mail_user *user,
+			      struct mailbox *box,
+			      const struct dovepush_change *change);
+	/* It was rolled back (or its commit failed); state is consumed. */
+	void (*change_rollback)(void *state);
 };
 
 /* Register the notify hooks. `module` is the plugin's own module. */

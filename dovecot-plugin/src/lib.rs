@@ -9,13 +9,19 @@
 //! spools. So the plugin needs no endpoint setting (`dovepush_url` and its password can
 //! live in a file only root reads).
 //!
+//! Loaded in `imap` as well, it reports what an IMAP command did to a watched mailbox's
+//! unseen count (`\Seen` set or cleared, unseen mails expunged or moved out) as one
+//! `messageRead` or `messageExpunge` record per command ([`badge`]). The service sends
+//! those only to endpoints whose `dovepush_events` names them.
+//!
 //! Modules: [`subscription`] (the METADATA cache), [`event`] (event ids), [`client`]
-//! (the service's socket and the drop spool). The settings are `dovepush-settings`', the
+//! (the service's socket and the drop spool), [`badge`] (which changes are events). The settings are `dovepush-settings`', the
 //! wire formats `dovepush-protocol`'s. This file only wires them to Dovecot's hooks
 //! through `dovepush-ffi`; everything else is safe Rust tested without Dovecot.
 
 #![deny(unsafe_code)] // the module symbols dovecot_plugin! exports are the one exception
 
+pub mod badge;
 pub mod client;
 pub mod event;
 pub mod subscription;
@@ -27,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use dovepush_ffi::{Commit, LogLevel, Mailbox, Plugin, SavedMail, User};
+use dovepush_ffi::{Change, Commit, LogLevel, Mailbox, Plugin, SavedMail, User};
 use dovepush_protocol::notification::{EventKind, Notification};
 use dovepush_protocol::record::Record;
 
@@ -55,6 +61,14 @@ pub struct Dovepush {
     ids: EventIds,
     /// What [`raw_settings`] asks for.
     setting_names: Vec<String>,
+}
+
+/// One followed change transaction (an IMAP command's) of a watched mailbox.
+pub struct Followed {
+    username: String,
+    folder: String,
+    subscriber: String,
+    active: Arc<Active>,
 }
 
 /// One followed delivery transaction.
@@ -126,6 +140,71 @@ fn report(log: &dyn Fn(LogLevel, &str), handed: &Handed, record: &Record) {
 }
 
 impl Dovepush {
+    /// The service's socket (from the first followed user's `base_dir`).
+    fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/run/dovecot").join(SOCKET_NAME))
+    }
+
+    /// Hand one record to the service (or the drop spool), logging what did not go to
+    /// the socket.
+    fn hand_over(&mut self, active: &Active, log: &dyn Fn(LogLevel, &str), record: Record) {
+        let socket = self.socket();
+        self.client.set_max_pending(active.config.queue_size);
+        let (handed, spilled) = self
+            .client
+            .submit(&socket, &active.drop_dir, record.clone());
+        for earlier in &spilled {
+            if let Handed::Lost { why } = earlier {
+                log(LogLevel::Error, &format!("an earlier event is lost: {why}"));
+            }
+        }
+        if !spilled.is_empty() {
+            log(
+                LogLevel::Warning,
+                &format!(
+                    "{} events the sender service had not taken yet were left in {}",
+                    spilled.len(),
+                    active.drop_dir.display()
+                ),
+            );
+        }
+        report(log, &handed, &record);
+    }
+
+    /// The user's subscriber identity when `mailbox` is watched and the user subscribed
+    /// (`what` names the event in debug lines); remembers the socket's place.
+    fn follow(
+        &mut self,
+        user: &User<'_>,
+        mailbox: &Mailbox<'_>,
+        what: &str,
+    ) -> Option<(Arc<Active>, String, String, String)> {
+        let active = self.active_config(user);
+        let folder = mailbox.vname();
+        if !active.config.watches(&folder) {
+            Self::debug(
+                &active,
+                user,
+                &format!("push skipped: {folder} is not a watched mailbox"),
+            );
+            return None;
+        }
+        let username = user.name();
+        let subscriber = self.subscriber(&active, user, mailbox, &username)?;
+        if self.socket.is_none() {
+            let base_dir = user.base_dir().unwrap_or_else(|| "/run/dovecot".into());
+            self.socket = Some(Path::new(&base_dir).join(SOCKET_NAME));
+        }
+        Self::debug(
+            &active,
+            user,
+            &format!("{what} in {folder} followed (subscriber {subscriber})"),
+        );
+        Some((active, username, folder, subscriber))
+    }
+
     fn debug(active: &Active, user: &User<'_>, text: &str) {
         if active.config.debug {
             user.log(LogLevel::Info, &format!("debug: {text}"));
@@ -208,6 +287,7 @@ impl Dovepush {
 
 impl Plugin for Dovepush {
     type Delivery = Delivery;
+    type Change = Followed;
 
     fn init() -> Self {
         Dovepush {
@@ -233,27 +313,7 @@ impl Plugin for Dovepush {
     }
 
     fn delivery_begin(&mut self, user: &User<'_>, mailbox: &Mailbox<'_>) -> Option<Delivery> {
-        let active = self.active_config(user);
-        let folder = mailbox.vname();
-        if !active.config.watches(&folder) {
-            Self::debug(
-                &active,
-                user,
-                &format!("push skipped: {folder} is not a watched mailbox"),
-            );
-            return None;
-        }
-        let username = user.name();
-        let subscriber = self.subscriber(&active, user, mailbox, &username)?;
-        if self.socket.is_none() {
-            let base_dir = user.base_dir().unwrap_or_else(|| "/run/dovecot".into());
-            self.socket = Some(Path::new(&base_dir).join(SOCKET_NAME));
-        }
-        Self::debug(
-            &active,
-            user,
-            &format!("delivery to {folder} followed (subscriber {subscriber})"),
-        );
+        let (active, username, folder, subscriber) = self.follow(user, mailbox, "delivery")?;
         Some(Delivery {
             username,
             folder,
@@ -292,10 +352,6 @@ impl Plugin for Dovepush {
             None => None,
         };
         let active = delivery.active.clone();
-        let socket = self
-            .socket
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("/run/dovecot").join(SOCKET_NAME));
         let created_ms = now_ms();
         for (i, mail) in delivery.mails.into_iter().enumerate() {
             let uid = commit.uids.get(i).copied().unwrap_or(0);
@@ -324,27 +380,74 @@ impl Plugin for Dovepush {
                 created_ms,
                 body,
             );
-            self.client.set_max_pending(active.config.queue_size);
-            let (handed, spilled) = self
-                .client
-                .submit(&socket, &active.drop_dir, record.clone());
-            for earlier in &spilled {
-                if let Handed::Lost { why } = earlier {
-                    log(LogLevel::Error, &format!("an earlier event is lost: {why}"));
-                }
+            self.hand_over(&active, &log, record);
+        }
+    }
+
+    fn change_begin(&mut self, user: &User<'_>, mailbox: &Mailbox<'_>) -> Option<Followed> {
+        let (active, username, folder, subscriber) = self.follow(user, mailbox, "unseen change")?;
+        Some(Followed {
+            username,
+            folder,
+            subscriber,
+            active,
+        })
+    }
+
+    fn change_commit(
+        &mut self,
+        change: Followed,
+        user: &User<'_>,
+        _mailbox: &Mailbox<'_>,
+        facts: &Change,
+    ) {
+        let log = |level: LogLevel, text: &str| user.log(level, text);
+        let (event, unseen) = match badge::badge_event(facts) {
+            Ok(found) => found,
+            Err(badge::Skip::UnseenUnchanged) => {
+                Self::debug(
+                    &change.active,
+                    user,
+                    &format!("unseen count of {} unchanged: no event", change.folder),
+                );
+                return;
             }
-            if !spilled.is_empty() {
+            Err(badge::Skip::UnseenUnknown) => {
                 log(
                     LogLevel::Warning,
                     &format!(
-                        "{} events the sender service had not taken yet were left in {}",
-                        spilled.len(),
-                        active.drop_dir.display()
+                        "unseen count of {} unavailable: no badge event",
+                        change.folder
                     ),
                 );
+                return;
             }
-            report(&log, &handed, &record);
-        }
+        };
+        let body = Notification {
+            user: change.username.clone(),
+            event,
+            folder: change.folder,
+            uidvalidity: facts.uid_validity,
+            uid: facts.last_uid,
+            from: None,
+            subject: None,
+            snippet: None,
+            unseen: Some(unseen),
+        };
+        let record = Record::new(
+            self.ids.next(),
+            change.username,
+            change.subscriber,
+            now_ms(),
+            body,
+        );
+        Self::debug(
+            &change.active,
+            user,
+            &format!("{event} event {} (unseen {unseen})", record.id),
+        );
+        let active = change.active.clone();
+        self.hand_over(&active, &log, record);
     }
 }
 

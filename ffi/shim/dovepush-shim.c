@@ -49,11 +49,16 @@ struct dovepush_file {
 	const char *new_name;
 };
 
-/* Per-transaction state, one per notify transaction that is a delivery. */
+/* Per-transaction state, one per notify transaction: a delivery, or (when
+   `change` is set) any other transaction, which may change \Seen flags or
+   expunge mails. */
 struct dovepush_txn {
 	struct mailbox *box;
 	void *state;        /* Rust's, NULL when not of interest */
 	bool decided;
+	/* Not a delivery: only the counts below are kept (no pool). */
+	bool change;
+	struct dovepush_change facts;
 	/* In lmtp, UIDs the storage did not assign at commit are assigned by
 	   dovepush (see dovepush_assign_uids()) or resolved after the reply
 	   (see dovepush_defer()). */
@@ -84,7 +89,7 @@ static struct timeout *dovepush_pending_to;
 
 static void dovepush_txn_free(struct dovepush_txn *txn)
 {
-	pool_unref(&txn->pool);
+	pool_unref(&txn->pool);   /* a change has none */
 	i_free(txn);
 }
 
@@ -112,9 +117,15 @@ static void *dovepush_txn_begin(struct mailbox_transaction_context *t)
 
 	/* Only MTA deliveries (lda, lmtp, sieve keep/fileinto) open their
 	   mailbox with POST_SESSION: the same test as the push_notification
-	   plugin's MessageNew. Everything else costs nothing. */
-	if ((t->box->flags & MAILBOX_FLAG_POST_SESSION) == 0)
-		return NULL;
+	   plugin's MessageNew. Any other transaction (an IMAP command's) is
+	   followed only for \Seen changes and expunges, with a few counters:
+	   Rust is asked about it at its first such change, if any. */
+	if ((t->box->flags & MAILBOX_FLAG_POST_SESSION) == 0) {
+		txn = i_new(struct dovepush_txn, 1);
+		txn->box = t->box;
+		txn->change = TRUE;
+		return txn;
+	}
 	txn = i_new(struct dovepush_txn, 1);
 	txn->box = t->box;
 	txn->pool = pool_alloconly_create("dovepush txn", 512);
@@ -156,7 +167,7 @@ static void dovepush_mail_save(void *txn_ptr, struct mail *mail)
 	struct dovepush_file file;
 	const char *value;
 
-	if (txn == NULL)
+	if (txn == NULL || txn->change)
 		return;
 	if (!txn->decided) {
 		txn->decided = TRUE;
@@ -219,6 +230,84 @@ static void dovepush_mail_copy(void *txn_ptr, struct mail *src ATTR_UNUSED,
 	   notify reports those as saves already; a real COPY into a delivery
 	   mailbox does not happen. Treat both the same. */
 	dovepush_mail_save(txn_ptr, dst);
+}
+
+/* Is this change transaction of interest? Rust decides at its first \Seen
+   change or expunge. */
+static bool dovepush_change_followed(struct dovepush_txn *txn)
+{
+	if (!txn->decided) {
+		txn->decided = TRUE;
+		T_BEGIN {
+			txn->state = dovepush_cb.change_begin(
+				txn->box->storage->user, txn->box);
+		} T_END;
+	}
+	return txn->state != NULL;
+}
+
+static void dovepush_change_uid(struct dovepush_txn *txn, struct mail *mail)
+{
+	if (mail->uid > txn->facts.last_uid)
+		txn->facts.last_uid = mail->uid;
+}
+
+static void dovepush_mail_update_flags(void *txn_ptr, struct mail *mail,
+				       enum mail_flags old_flags)
+{
+	struct dovepush_txn *txn = txn_ptr;
+	enum mail_flags new_flags;
+
+	if (txn == NULL || !txn->change)
+		return;
+	/* notify calls this after the update: the mail has its new flags. */
+	new_flags = mail_get_flags(mail);
+	if (((old_flags ^ new_flags) & MAIL_SEEN) == 0 ||
+	    !dovepush_change_followed(txn))
+		return;
+	if ((new_flags & MAIL_SEEN) != 0)
+		txn->facts.seen_set++;
+	else
+		txn->facts.seen_cleared++;
+	dovepush_change_uid(txn, mail);
+}
+
+static void dovepush_mail_expunge(void *txn_ptr, struct mail *mail)
+{
+	struct dovepush_txn *txn = txn_ptr;
+
+	/* A delivery does not expunge; its transaction is left alone. */
+	if (txn == NULL || !txn->change || !dovepush_change_followed(txn))
+		return;
+	txn->facts.expunged++;
+	if ((mail_get_flags(mail) & MAIL_SEEN) == 0)
+		txn->facts.expunged_unseen++;
+	dovepush_change_uid(txn, mail);
+}
+
+/* A committed change: its mailbox's unseen count and UIDVALIDITY, then
+   Rust. */
+static void dovepush_change_commit(struct dovepush_txn *txn)
+{
+	struct mailbox_status status;
+	const char *error;
+	uint32_t unseen;
+
+	T_BEGIN {
+		mailbox_get_open_status(txn->box, STATUS_UIDVALIDITY, &status);
+		txn->facts.uid_validity = status.uidvalidity;
+		/* The index has the flag changes now, but it keeps expunged
+		   mails until the storage syncs them (imap does so after the
+		   command): take this transaction's off. */
+		if (dovepush_shim_mailbox_unseen(txn->box, &unseen, &error) == 0) {
+			txn->facts.unseen_known = TRUE;
+			txn->facts.unseen =
+				unseen > txn->facts.expunged_unseen ?
+				unseen - txn->facts.expunged_unseen : 0;
+		}
+		dovepush_cb.change_commit(txn->state, txn->box->storage->user,
+					  txn->box, &txn->facts);
+	} T_END;
 }
 
 static void dovepush_resolve_pending(void *context ATTR_UNUSED);
@@ -409,6 +498,11 @@ dovepush_txn_commit(void *txn_ptr, struct mail_transaction_commit_changes *chang
 	if (txn == NULL)
 		return;
 	if (txn->state == NULL) {
+		dovepush_txn_free(txn);
+		return;
+	}
+	if (txn->change) {
+		dovepush_change_commit(txn);
 		dovepush_txn_free(txn);
 		return;
 	}
@@ -716,7 +810,9 @@ static void dovepush_txn_rollback(void *txn_ptr)
 
 	if (txn == NULL)
 		return;
-	if (txn->state != NULL)
+	if (txn->state != NULL && txn->change)
+		dovepush_cb.change_rollback(txn->state);
+	else if (txn->state != NULL)
 		dovepush_cb.delivery_rollback(txn->state);
 	dovepush_txn_free(txn);
 }
@@ -725,6 +821,8 @@ static const struct notify_vfuncs dovepush_vfuncs = {
 	.mail_transaction_begin = dovepush_txn_begin,
 	.mail_save = dovepush_mail_save,
 	.mail_copy = dovepush_mail_copy,
+	.mail_expunge = dovepush_mail_expunge,
+	.mail_update_flags = dovepush_mail_update_flags,
 	.mail_transaction_commit = dovepush_txn_commit,
 	.mail_transaction_rollback = dovepush_txn_rollback,
 };

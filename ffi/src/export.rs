@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use crate::bindings as sys;
 use crate::guard;
-use crate::host::{Commit, Mailbox, SavedMail, User};
+use crate::host::{Change, Commit, Mailbox, SavedMail, User};
 use crate::Plugin;
 
 /// The exported `<name>_plugin_version` / `_dependencies` values: Dovecot reads them
@@ -47,6 +47,9 @@ pub unsafe fn init<P: Plugin>(module: *mut c_void) {
             mail_saved: Some(mail_saved::<P>),
             delivery_commit: Some(delivery_commit::<P>),
             delivery_rollback: Some(delivery_rollback::<P>),
+            change_begin: Some(change_begin::<P>),
+            change_commit: Some(change_commit::<P>),
+            change_rollback: Some(change_rollback::<P>),
         };
         // SAFETY: the shim copies the callbacks; module is Dovecot's.
         unsafe { sys::dovepush_shim_register(module.cast(), &callbacks) };
@@ -124,6 +127,50 @@ unsafe extern "C" fn delivery_rollback<P: Plugin>(state: *mut c_void) {
     let delivery = unsafe { Box::from_raw(state.cast::<P::Delivery>()) };
     guard::run("delivery rollback", (), move || {
         with_plugin::<P, _>(|p| p.delivery_rollback(*delivery));
+    })
+}
+
+unsafe extern "C" fn change_begin<P: Plugin>(
+    user: *mut sys::mail_user,
+    mailbox: *mut sys::mailbox,
+) -> *mut c_void {
+    guard::run("change begin", std::ptr::null_mut(), || {
+        // SAFETY: the shim passes the live user and mailbox of this transaction.
+        let (user, mailbox) = unsafe { (User::from_raw(user), Mailbox::from_raw(mailbox)) };
+        with_plugin::<P, _>(|p| p.change_begin(&user, &mailbox))
+            .flatten()
+            .map(|state| Box::into_raw(Box::new(state)).cast::<c_void>())
+            .unwrap_or(std::ptr::null_mut())
+    })
+}
+
+unsafe extern "C" fn change_commit<P: Plugin>(
+    state: *mut c_void,
+    user: *mut sys::mail_user,
+    mailbox: *mut sys::mailbox,
+    facts: *const sys::dovepush_change,
+) {
+    // SAFETY: `state` came from `change_begin::<P>`; the shim hands it over exactly once.
+    let change = unsafe { Box::from_raw(state.cast::<P::Change>()) };
+    guard::run("change commit", (), move || {
+        // SAFETY: the shim passes the live user and mailbox of the committed
+        // transaction and a facts struct valid for this call.
+        let (user, mailbox, facts) = unsafe {
+            (
+                User::from_raw(user),
+                Mailbox::from_raw(mailbox),
+                Change::from_raw(facts),
+            )
+        };
+        with_plugin::<P, _>(|p| p.change_commit(*change, &user, &mailbox, &facts));
+    })
+}
+
+unsafe extern "C" fn change_rollback<P: Plugin>(state: *mut c_void) {
+    // SAFETY: as in change_commit.
+    let change = unsafe { Box::from_raw(state.cast::<P::Change>()) };
+    guard::run("change rollback", (), move || {
+        with_plugin::<P, _>(|p| p.change_rollback(*change));
     })
 }
 

@@ -252,3 +252,42 @@ impl Commit {
         }
     }
 }
+
+/// What a committed transaction outside deliveries (in imap: one IMAP command's) did to
+/// the unseen count of its mailbox: `\Seen` set or cleared, mails expunged (moving mails
+/// out of a mailbox expunges them there).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Change {
+    pub uid_validity: u32,
+    /// Mails that got `\Seen`.
+    pub seen_set: u32,
+    /// Mails that lost `\Seen`.
+    pub seen_cleared: u32,
+    /// Mails expunged.
+    pub expunged: u32,
+    /// Of those, the ones without `\Seen`.
+    pub expunged_unseen: u32,
+    /// The highest UID among the mails above.
+    pub last_uid: u32,
+    /// The mailbox's unseen count after the transaction (its expunges taken off), when
+    /// it could be read.
+    pub unseen: Option<u32>,
+}
+
+impl Change {
+    /// # Safety
+    /// `raw` points to a valid `dovepush_change` for this call.
+    pub(crate) unsafe fn from_raw(raw: *const sys::dovepush_change) -> Self {
+        // SAFETY: caller contract; plain integers only.
+        let raw = unsafe { &*raw };
+        Change {
+            uid_validity: raw.uid_validity,
+            seen_set: raw.seen_set,
+            seen_cleared: raw.seen_cleared,
+            expunged: raw.expunged,
+            expunged_unseen: raw.expunged_unseen,
+            last_uid: raw.last_uid,
+            unseen: raw.unseen_known.then_some(raw.unseen),
+        }
+    }
+}

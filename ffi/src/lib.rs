@@ -7,7 +7,7 @@
 //! - [`Plugin`]: the trait a Dovecot mail plugin implements in safe Rust;
 //! - [`dovecot_plugin!`]: expands, in the cdylib, to the symbols Dovecot's module loader
 //!   looks up (`<name>_plugin_version`, `_dependencies`, `_init`, `_deinit`);
-//! - [`User`], [`Mailbox`], [`SavedMail`], [`Commit`]: borrowed views valid only inside
+//! - [`User`], [`Mailbox`], [`SavedMail`], [`Commit`], [`Change`]: borrowed views valid only inside
 //!   one callback, whose methods copy facts out into owned Rust values;
 //! - [`guard`]: the panic barrier at every Dovecot→Rust entry.
 //!
@@ -29,7 +29,7 @@ mod export;
 pub mod guard;
 mod host;
 
-pub use host::{log_process as log, Commit, LogLevel, Mailbox, SavedMail, User};
+pub use host::{log_process as log, Change, Commit, LogLevel, Mailbox, SavedMail, User};
 
 #[doc(hidden)]
 pub mod __private {
@@ -50,10 +50,14 @@ pub const DOVECOT_STATE_DIR: &str = env!("DOVECOT_STATE_DIR");
 /// A Dovecot mail plugin written in safe Rust.
 ///
 /// Every method is called on Dovecot's thread, inside the panic guard. A delivery is one
-/// mailbox transaction opened by an MTA delivery (LMTP, LDA, Sieve `keep`/`fileinto`).
+/// mailbox transaction opened by an MTA delivery (LMTP, LDA, Sieve `keep`/`fileinto`); a
+/// change is any other transaction (in imap: one IMAP command's) that sets or clears
+/// `\Seen` or expunges mails.
 pub trait Plugin: Send + Sized + 'static {
     /// Per-delivery state, created by [`Plugin::delivery_begin`].
     type Delivery: 'static;
+    /// Per-change state, created by [`Plugin::change_begin`].
+    type Change: 'static;
 
     /// Called once per process when Dovecot loads the module.
     fn init() -> Self;
@@ -79,5 +83,21 @@ pub trait Plugin: Send + Sized + 'static {
     /// The delivery's transaction was rolled back, or its commit failed.
     fn delivery_rollback(&mut self, delivery: Self::Delivery) {
         drop(delivery);
+    }
+    /// A transaction that is not a delivery made its first `\Seen` change or expunge:
+    /// return state to follow it, or `None` when it is of no interest (the rest of the
+    /// transaction then costs nothing).
+    fn change_begin(&mut self, user: &User<'_>, mailbox: &Mailbox<'_>) -> Option<Self::Change>;
+    /// The followed change committed, with what it did.
+    fn change_commit(
+        &mut self,
+        change: Self::Change,
+        user: &User<'_>,
+        mailbox: &Mailbox<'_>,
+        facts: &Change,
+    );
+    /// The change's transaction was rolled back, or its commit failed.
+    fn change_rollback(&mut self, change: Self::Change) {
+        drop(change);
     }
 }
