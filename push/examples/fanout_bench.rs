@@ -91,6 +91,7 @@ async fn run() {
         unseen: Some(17),
         event_id: Some("0f6c1a52-6d0e-4a8c-9f3e-0a9d8d4b7e21".into()),
         coalesced: 0,
+        badge_only: false,
     });
 
     let raw = RawClient::new(&ca_file, &key, &mock.url());

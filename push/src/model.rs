@@ -149,4 +149,20 @@ pub struct Notification {
     /// How many older events were folded into this one before it was sent (the caller's
     /// bookkeeping; not sent to APNs or FCM).
     pub coalesced: u32,
+    /// Only the unseen count changed (mail read or expunged elsewhere): sent as a silent
+    /// badge update (APNs background push, FCM data message, Web Push `event: "badge"`),
+    /// whatever the privacy mode.
+    pub badge_only: bool,
+}
+
+impl Notification {
+    /// The `event` word apps get in FCM data and Web Push messages: `messageNew`, or
+    /// `badge` for a badge-only update.
+    pub fn event_word(&self) -> &'static str {
+        if self.badge_only {
+            "badge"
+        } else {
+            "messageNew"
+        }
+    }
 }

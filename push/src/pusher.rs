@@ -123,13 +123,18 @@ impl Pusher {
         Ok(Pusher { apps: routes })
     }
 
-    /// Sends `n` to `device` using the device's privacy override or the app's default.
+    /// Sends `n` to `device` using the device's privacy override or the app's default; a
+    /// badge-only update is always silent (it has nothing to show).
     pub async fn send(&self, device: &Device, n: &Notification) -> Outcome {
         let Some(app) = self.apps.get(&device.app_id) else {
             tracing::warn!(app = %device.app_id, "push for an app that is not configured; dropped");
             return Outcome::drop("unknown_app");
         };
-        let privacy = device.privacy.unwrap_or(app.privacy);
+        let privacy = if n.badge_only {
+            Privacy::Silent
+        } else {
+            device.privacy.unwrap_or(app.privacy)
+        };
         match (device.kind, &app.apns, &app.fcm, &app.webpush) {
             (DeviceKind::Apns, Some(apns), _, _) => apns.send(device, n, privacy).await,
             (DeviceKind::Fcm, _, Some(fcm), _) => fcm.send(device, n, privacy).await,

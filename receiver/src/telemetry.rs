@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dovepush_protocol::notification::EventKind;
 use dovepush_push::DeviceKind;
 use prometheus_client::encoding::LabelValueEncoder;
 use prometheus_client::encoding::{prometheus_text, EncodeLabelSet, EncodeLabelValue};
@@ -73,6 +74,21 @@ impl EncodeLabelValue for Kind {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TransportLabels {
     transport: Kind,
+}
+
+/// An event kind as a label value (`messageNew`, `messageRead`, `messageExpunge`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Event(EventKind);
+
+impl EncodeLabelValue for Event {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        encoder.write_str(self.0.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EventLabels {
+    event: Event,
 }
 
 /// A watched credential: its app (empty for the receiver's own) and kind.
@@ -181,6 +197,11 @@ pub struct Metrics {
     sent: Family<TransportLabels, Counter>,
     /// The `sent` family's series (one per kind), so that counting a push takes no lock.
     sent_by_kind: [Counter; DeviceKind::ALL.len()],
+    /// Of the sent pushes, the badge-only updates (by transport).
+    badge_sent: Family<TransportLabels, Counter>,
+    /// Ingested notifications by event kind (one series per kind, held directly).
+    ingested_by_event: Family<EventLabels, Counter>,
+    ingested_by_event_kind: [Counter; EventKind::ALL.len()],
     failed: Family<FailedLabels, Counter>,
     outbox_depth: Gauge,
     ingest_latency: Histogram,
@@ -214,6 +235,9 @@ impl Metrics {
             coalesced: Counter::default(),
             sent: Family::default(),
             sent_by_kind: Default::default(),
+            badge_sent: Family::default(),
+            ingested_by_event: Family::default(),
+            ingested_by_event_kind: Default::default(),
             failed: Family::default(),
             outbox_depth: Gauge::default(),
             ingest_latency: Histogram::new(LATENCY_BUCKETS),
@@ -224,6 +248,15 @@ impl Metrics {
         let sent_by_kind = DeviceKind::ALL.map(|k| {
             m.sent
                 .get_or_create_owned(&TransportLabels { transport: Kind(k) })
+        });
+        for k in DeviceKind::ALL {
+            let _ = m
+                .badge_sent
+                .get_or_create_owned(&TransportLabels { transport: Kind(k) });
+        }
+        let ingested_by_event_kind = EventKind::ALL.map(|e| {
+            m.ingested_by_event
+                .get_or_create_owned(&EventLabels { event: Event(e) })
         });
         let mut registry = Registry::default();
         let counters = [
@@ -278,6 +311,16 @@ impl Metrics {
             m.sent.clone(),
         );
         registry.register(
+            "dovepush_ingested_events",
+            "Notifications accepted and committed, by event kind (messageRead and messageExpunge: badge updates)",
+            m.ingested_by_event.clone(),
+        );
+        registry.register(
+            "dovepush_push_badge_sent",
+            "Of the pushes the provider accepted, the silent badge updates",
+            m.badge_sent.clone(),
+        );
+        registry.register(
             "dovepush_push_failed",
             "Push attempts that did not deliver, by outcome class",
             m.failed.clone(),
@@ -310,8 +353,24 @@ impl Metrics {
         Metrics {
             registry,
             sent_by_kind,
+            ingested_by_event_kind,
             ..m
         }
+    }
+
+    /// Counts an ingested notification by its event kind (`ingested` counts them all).
+    pub fn ingested_event(&self, kind: EventKind) {
+        let index = EventKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        self.ingested_by_event_kind[index].inc();
+    }
+
+    /// Counts a sent badge-only update (`sent` counts it too).
+    pub fn badge_sent(&self, kind: DeviceKind) {
+        self.badge_sent
+            .get_or_create(&TransportLabels {
+                transport: Kind(kind),
+            })
+            .inc();
     }
 
     pub fn sent(&self, kind: DeviceKind) {
@@ -387,6 +446,8 @@ mod tests {
         m.failed(DeviceKind::Apns, FailureClass::Retry);
         m.failed(DeviceKind::Apns, FailureClass::Retry);
         m.failed(DeviceKind::WebPush, FailureClass::DeleteDevice);
+        m.ingested_event(EventKind::MessageRead);
+        m.badge_sent(DeviceKind::Apns);
         m.observe_ingest(Duration::from_micros(700));
         m.observe_ingest(Duration::from_secs(5));
         let text = m.render(7);
@@ -401,6 +462,10 @@ mod tests {
             text.contains("dovepush_push_failed_total{transport=\"apns\",reason=\"retry\"} 2\n")
         );
         assert!(text.contains("dovepush_outbox_depth 7\n"));
+        assert!(text.contains("dovepush_ingested_events_total{event=\"messageRead\"} 1\n"));
+        assert!(text.contains("dovepush_ingested_events_total{event=\"messageExpunge\"} 0\n"));
+        assert!(text.contains("dovepush_push_badge_sent_total{transport=\"apns\"} 1\n"));
+        assert!(text.contains("dovepush_push_badge_sent_total{transport=\"webpush\"} 0\n"));
         assert!(text.contains("dovepush_ingest_latency_seconds_bucket{le=\"0.0005\"} 0\n"));
         assert!(text.contains("dovepush_ingest_latency_seconds_bucket{le=\"0.001\"} 1\n"));
         assert!(text.contains("dovepush_ingest_latency_seconds_bucket{le=\"+Inf\"} 2\n"));

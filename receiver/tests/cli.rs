@@ -196,6 +196,7 @@ async fn subscriptions_and_queue_commands() {
             .ingest(
                 NewMailEvent {
                     event_id: Some("e1".into()),
+                    kind: dovepush_receiver::domain::event::EventKind::MessageNew,
                     user: "alice".into(),
                     folder: "INBOX".into(),
                     uidvalidity: 1,

@@ -139,6 +139,7 @@ mod tests {
             unseen: Some(3),
             event_id: Some("ev1".into()),
             coalesced: 0,
+            badge_only: false,
         }
     }
 

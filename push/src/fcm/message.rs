@@ -58,7 +58,7 @@ pub(crate) fn build(
     ttl: Duration,
 ) -> Result<Vec<u8>, TooLarge> {
     let mut data = BTreeMap::new();
-    data.insert("event", "messageNew".to_owned());
+    data.insert("event", n.event_word().to_owned());
     data.insert("folder", n.folder.clone());
     data.insert("uid", n.uid.to_string());
     data.insert("uidvalidity", n.uidvalidity.to_string());
@@ -116,7 +116,9 @@ pub(crate) fn build(
             .ok_or(TooLarge)
         }
         Privacy::Silent => {
-            let body = render(token, data, None, android(Some("new-mail"), "NORMAL"));
+            // Badge updates collapse among themselves, not with new-mail messages.
+            let collapse = if n.badge_only { "badge" } else { "new-mail" };
+            let body = render(token, data, None, android(Some(collapse), "NORMAL"));
             if body.len() <= MAX_PAYLOAD {
                 Ok(body)
             } else {
@@ -161,6 +163,7 @@ mod tests {
             unseen: Some(3),
             event_id: Some("ev1".into()),
             coalesced: 0,
+            badge_only: false,
         }
     }
 
@@ -196,6 +199,23 @@ mod tests {
         assert!(s["message"].get("notification").is_none());
         assert_eq!(s["message"]["android"]["priority"], "NORMAL");
         assert_eq!(s["message"]["data"]["unseen"], "3");
+    }
+
+    #[test]
+    fn a_badge_update_is_a_data_message_with_the_count_collapsing_apart() {
+        let n = Notification {
+            badge_only: true,
+            unseen: Some(1),
+            ..note()
+        };
+        let bytes = build("tok", &n, Privacy::Silent, "x", Duration::from_secs(60)).unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        let m = &v["message"];
+        assert!(m.get("notification").is_none());
+        assert_eq!(m["data"]["event"], "badge");
+        assert_eq!(m["data"]["unseen"], "1");
+        assert_eq!(m["android"]["priority"], "NORMAL");
+        assert_eq!(m["android"]["collapse_key"], "badge");
     }
 
     #[test]

@@ -118,7 +118,7 @@ pub(crate) fn build(
         }
         Privacy::Silent => {
             let json = to_json(&Message {
-                event: EVENT_MESSAGE_NEW,
+                event: n.event_word(),
                 user: None,
                 folder: None,
                 uid: None,
@@ -173,6 +173,7 @@ mod tests {
             unseen: Some(3),
             event_id: Some("ev1".into()),
             coalesced: 0,
+            badge_only: false,
         }
     }
 
@@ -202,6 +203,19 @@ mod tests {
         // The event word comes first: a service worker can switch on it.
         let raw = build(&note(), Privacy::Silent, "x", MAX_PLAINTEXT).unwrap();
         assert!(raw.starts_with(br#"{"event":"messageNew""#));
+    }
+
+    #[test]
+    fn a_badge_update_says_badge_and_the_count_only() {
+        let n = Notification {
+            badge_only: true,
+            unseen: Some(0),
+            ..note()
+        };
+        let v: Value =
+            serde_json::from_slice(&build(&n, Privacy::Silent, "x", MAX_PLAINTEXT).unwrap())
+                .unwrap();
+        assert_eq!(v, json!({"event": "badge", "unseen": 0}));
     }
 
     #[test]

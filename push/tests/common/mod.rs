@@ -118,6 +118,7 @@ pub fn note() -> Notification {
         unseen: Some(5),
         event_id: Some("ev-0001".to_owned()),
         coalesced: 0,
+        badge_only: false,
     }
 }
 

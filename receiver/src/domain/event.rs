@@ -1,18 +1,26 @@
-//! New-mail events: the ox notification body → [`NewMailEvent`], and the
-//! [`PushContent`] an outbox item carries (with the coalescing rule).
+//! Events: the ox notification body → [`NewMailEvent`], and the [`PushContent`] an
+//! outbox item carries (with the coalescing rule).
+//!
+//! Besides new mail (`messageNew`), the dovepush plugin in imap reports what changed a
+//! folder's unseen count (`messageRead`, `messageExpunge`, with the new count). Those
+//! become silent badge updates ([`PushContent::badge_only`]): a burst of them, or one
+//! arriving while a new-mail alert is still pending, is folded into one push with the
+//! latest count.
 
 use dovepush_protocol::Notification;
 use serde::{Deserialize, Serialize};
 
 use super::FieldError;
 
-pub use dovepush_protocol::notification::{validate_event_id, MAX_EVENT_ID_LEN};
+pub use dovepush_protocol::notification::{validate_event_id, EventKind, MAX_EVENT_ID_LEN};
 
-/// A validated new-mail notification.
+/// A validated notification: new mail, or (`kind` `messageRead`/`messageExpunge`) a
+/// changed unseen count.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewMailEvent {
     /// From `X-Dovepush-Event-Id`; the stock ox driver sends none (no de-duplication then).
     pub event_id: Option<String>,
+    pub kind: EventKind,
     /// The login the event is for (with `user_from_metadata`: the value the receiver wrote).
     pub user: String,
     pub folder: String,
@@ -31,6 +39,7 @@ impl NewMailEvent {
     pub fn from_notification(n: Notification, event_id: Option<String>, received_at: i64) -> Self {
         NewMailEvent {
             event_id,
+            kind: n.event,
             user: n.user,
             folder: n.folder,
             uidvalidity: n.uidvalidity,
@@ -74,6 +83,10 @@ pub struct PushContent {
     /// How many older events were folded into this one.
     #[serde(default)]
     pub coalesced: u32,
+    /// Only the unseen count changed (mail read or expunged somewhere): a silent badge
+    /// update, whatever the device's privacy mode.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub badge_only: bool,
 }
 
 /// The content of a fresh event: its strings move, nothing is copied.
@@ -90,6 +103,7 @@ impl From<NewMailEvent> for PushContent {
             unseen: e.unseen,
             received_at: e.received_at,
             coalesced: 0,
+            badge_only: e.kind.is_badge_update(),
         }
     }
 }
@@ -97,10 +111,21 @@ impl From<NewMailEvent> for PushContent {
 impl PushContent {
     /// Coalescing: a still-pending push absorbs a newer event. The newer event's content
     /// wins; its unseen count wins when it has one (otherwise the last known count stays).
+    /// A badge update does not replace a pending new-mail alert: the alert stays and
+    /// takes the newer count, so a mail read right after it arrived is still announced
+    /// once, with the right badge.
     pub fn absorb(self, newer: PushContent) -> PushContent {
+        let coalesced = self.coalesced + 1 + newer.coalesced;
+        if newer.badge_only && !self.badge_only {
+            return PushContent {
+                unseen: newer.unseen.or(self.unseen),
+                coalesced,
+                ..self
+            };
+        }
         PushContent {
             unseen: newer.unseen.or(self.unseen),
-            coalesced: self.coalesced + 1 + newer.coalesced,
+            coalesced,
             ..newer
         }
     }
@@ -149,6 +174,7 @@ mod tests {
             unseen,
             received_at: uid as i64,
             coalesced: 0,
+            badge_only: false,
         };
         let merged = mk(1, Some(1)).absorb(mk(2, Some(2))).absorb(mk(3, None));
         assert_eq!(merged.uid, 3);
@@ -157,5 +183,55 @@ mod tests {
         assert_eq!(merged.coalesced, 2);
         let json = serde_json::to_string(&merged).unwrap();
         assert_eq!(serde_json::from_str::<PushContent>(&json).unwrap(), merged);
+    }
+
+    #[test]
+    fn badge_events_parse_and_become_badge_only_content() {
+        let body = r#"{"user":"a","event":"messageRead","folder":"INBOX","imap-uidvalidity":1,"imap-uid":9,"unseen":4}"#;
+        let e = parse_notification(body.as_bytes(), Some("r1".into()), 1).unwrap();
+        assert_eq!(e.kind, EventKind::MessageRead);
+        let content = PushContent::from(e);
+        assert!(content.badge_only);
+        assert_eq!(content.unseen, Some(4));
+        let json = serde_json::to_string(&content).unwrap();
+        assert!(json.contains("\"badge_only\":true"), "{json}");
+        let fresh = PushContent::from(parse_notification(STOCK.as_bytes(), None, 0).unwrap());
+        assert!(!fresh.badge_only);
+        assert!(
+            !serde_json::to_string(&fresh)
+                .unwrap()
+                .contains("badge_only"),
+            "items written before badges read back the same"
+        );
+    }
+
+    #[test]
+    fn a_burst_of_badge_updates_keeps_the_latest_count_and_an_alert_stays_an_alert() {
+        let badge = |unseen: u32| PushContent {
+            event_id: Some(format!("b{unseen}")),
+            folder: "INBOX".into(),
+            uidvalidity: 1,
+            uid: 0,
+            from: None,
+            subject: None,
+            snippet: None,
+            unseen: Some(unseen),
+            received_at: 0,
+            coalesced: 0,
+            badge_only: true,
+        };
+        let burst = badge(5).absorb(badge(4)).absorb(badge(2));
+        assert!(burst.badge_only);
+        assert_eq!(burst.unseen, Some(2));
+        assert_eq!(burst.coalesced, 2);
+
+        let alert = PushContent::from(parse_notification(STOCK.as_bytes(), None, 0).unwrap());
+        let read_soon_after = alert.clone().absorb(badge(1));
+        assert!(!read_soon_after.badge_only);
+        assert_eq!(read_soon_after.subject, alert.subject);
+        assert_eq!(read_soon_after.unseen, Some(1));
+        let new_after_badge = badge(0).absorb(alert.clone());
+        assert!(!new_after_badge.badge_only);
+        assert_eq!(new_after_badge.unseen, Some(2));
     }
 }

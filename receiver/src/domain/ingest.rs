@@ -58,6 +58,7 @@ impl Ingest {
             Some((user, event_id)) => (user.as_str(), event_id.as_deref()),
             None => ("", None),
         };
+        let kind = event.kind;
         let due_at = event.received_at + self.coalesce.as_millis() as i64;
         let ingesting = self.store.ingest(event, due_at, self.hand_over.room());
         let outcome = HandingOver::new(ingesting, &self.hand_over).await?;
@@ -68,6 +69,7 @@ impl Ingest {
             return Ok(outcome);
         }
         m.ingested.inc();
+        m.ingested_event(kind);
         if outcome.matched_devices == 0 {
             m.dropped_no_device.inc();
             tracing::debug!(user = %user, event_id = ?event_id, "No device follows this folder; event dropped.");
@@ -147,6 +149,7 @@ mod tests {
     fn event(user: &str, id: &str, folder: &str) -> NewMailEvent {
         NewMailEvent {
             event_id: Some(id.into()),
+            kind: crate::domain::event::EventKind::MessageNew,
             user: user.into(),
             folder: folder.into(),
             uidvalidity: 1,

@@ -58,6 +58,7 @@ async fn depth(s: &impl Store) -> u64 {
 fn event(user: &str, id: Option<&str>, uid: u32, at: i64) -> NewMailEvent {
     NewMailEvent {
         event_id: id.map(str::to_owned),
+        kind: crate::domain::event::EventKind::MessageNew,
         user: user.into(),
         folder: "INBOX".into(),
         uidvalidity: 1,

@@ -304,6 +304,7 @@ mod tests {
     fn event(user: &str, id: &str, uid: u32) -> NewMailEvent {
         NewMailEvent {
             event_id: Some(id.into()),
+            kind: crate::domain::event::EventKind::MessageNew,
             user: user.into(),
             folder: "INBOX".into(),
             uidvalidity: 1,

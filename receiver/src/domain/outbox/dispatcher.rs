@@ -216,6 +216,7 @@ impl Dispatcher {
         let kind = item.device.device.kind;
         let user = item.device.user.clone();
         let event_id = item.content.event_id.clone();
+        let badge_only = item.content.badge_only;
         let decision = if self.policy.expired(&item, now) {
             Decision {
                 completion: Completion::Drop {
@@ -271,6 +272,9 @@ impl Dispatcher {
         match decision.failure {
             None => {
                 self.metrics.sent(kind);
+                if badge_only {
+                    self.metrics.badge_sent(kind);
+                }
                 tracing::debug!(user = %user, event_id = ?event_id, transport = %kind, "Push delivered.");
             }
             Some(class) => {

@@ -137,6 +137,7 @@ pub fn notification_for(item: &OutboxItem) -> Notification {
         unseen: c.unseen,
         event_id: c.event_id.clone(),
         coalesced: c.coalesced,
+        badge_only: c.badge_only,
     }
 }
 
@@ -173,6 +174,7 @@ mod tests {
                 unseen: Some(1),
                 received_at: created_at,
                 coalesced: 0,
+                badge_only: false,
             },
             attempts,
             created_at,

@@ -254,6 +254,7 @@ mod tests {
                 unseen: None,
                 received_at: 0,
                 coalesced: 0,
+                badge_only: false,
             },
             attempts: 0,
             created_at: 0,

@@ -625,6 +625,7 @@ pub(crate) mod tests {
     fn event(user: &str, id: &str, uid: u32, at: i64) -> NewMailEvent {
         NewMailEvent {
             event_id: Some(id.into()),
+            kind: crate::domain::event::EventKind::MessageNew,
             user: user.into(),
             folder: "INBOX".into(),
             uidvalidity: 1,
