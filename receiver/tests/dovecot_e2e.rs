@@ -308,3 +308,149 @@ async fn bearer_tokens_are_judged_by_dovecots_oauth2_passdb() {
     server.await.unwrap().unwrap();
     drop(dovecot);
 }
+
+/// Issue 15, badges: the dovepush plugin in lmtp and imap, its sender service sending to
+/// the receiver (which takes the badge events) and to a stock-ox-style endpoint (an ox
+/// line: `messageNew` only); the receiver pushes to a mock APNs. An IMAP client marks 3
+/// of 5 new mails `\Seen` in one `STORE` and expunges an unseen one: one `messageRead`
+/// and one `messageExpunge` reach the receiver, the APNs gets silent background pushes
+/// whose last badge is Dovecot's `STATUS INBOX (UNSEEN)`, and the ox endpoint gets
+/// nothing but the 5 `messageNew`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_expunges_in_imap_become_silent_badge_pushes() {
+    use dovepush_receiver::transport::push::transports_from_config;
+    use dovepush_testkit::dovecot::built_plugin;
+    use dovepush_testkit::imap::ImapClient;
+    use dovepush_testkit::sink::Sink;
+
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ox = Sink::start();
+    let options = Options {
+        delivery_plugins: "notify dovepush".into(),
+        imap_plugins: "notify dovepush".into(),
+        dovepush_module: Some(built_plugin()),
+        plugin_settings: vec![
+            // The stock ox receiver's endpoint: the default events (messageNew).
+            ("dovepush".into(), format!("ox:url={}", ox.url(None))),
+            (
+                "dovepush_url".into(),
+                format!("http://{NOTIFY_USER}:{NOTIFY_PASSWORD}@{addr}{NOTIFY_PATH}"),
+            ),
+            (
+                "dovepush_events".into(),
+                "messageNew messageRead messageExpunge".into(),
+            ),
+            ("dovepush_user_from_metadata".into(), "yes".into()),
+        ],
+        ..Options::default()
+    };
+    let dovecot = tokio::task::spawn_blocking(move || Dovecot::start(options))
+        .await
+        .unwrap()
+        .expect("private dovecot starts");
+    let (apns, app) = mock_apns_app(dir.path()).await;
+    let text = config_text(dir.path(), &app).replace(
+        "[outbox]",
+        &format!(
+            "[dovecot]\nimap = \"127.0.0.1:{}\"\ntls = \"none\"\n[outbox]",
+            dovecot.imap_port
+        ),
+    );
+    let cfg = Config::parse(&text, &dir.path().join("receiver.toml")).unwrap();
+    let transports = transports_from_config(&cfg).unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(dovepush_receiver::run(listener, cfg, transports, async {
+        let _ = stopped.await;
+    }));
+    let reply = register(addr, "alice", "alice-secret", "aa01").await;
+    assert_eq!(reply.status, 201, "{}\n{}", reply.text(), dovecot.log());
+
+    tokio::task::spawn_blocking({
+        let mut lmtp = dovecot.lmtp().unwrap();
+        move || {
+            for n in 1..=5 {
+                lmtp.deliver(
+                    &["alice@example.com"],
+                    &dovepush_testkit::messages::simple(n),
+                )
+                .unwrap();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let news = ox.wait_for(5, std::time::Duration::from_secs(20));
+    assert_eq!(news.len(), 5, "{}", dovecot.log());
+    let metrics = outbox_settled(addr).await;
+    assert!(
+        metrics.contains("dovepush_ingested_events_total{event=\"messageNew\"} 5\n"),
+        "{metrics}"
+    );
+    let alerts = apns.requests().len();
+    assert!(alerts >= 1);
+
+    let port = dovecot.imap_port;
+    let unseen = tokio::task::spawn_blocking(move || {
+        let mut imap = ImapClient::login(port, "alice", "alice-secret").unwrap();
+        imap.command("SELECT INBOX").unwrap();
+        imap.command("STORE 1:3 +FLAGS.SILENT (\\Seen)").unwrap();
+        imap.command("STORE 4 +FLAGS.SILENT (\\Deleted)").unwrap();
+        imap.command("EXPUNGE").unwrap();
+        let unseen = imap.unseen("INBOX").unwrap();
+        imap.logout().unwrap();
+        unseen
+    })
+    .await
+    .unwrap();
+    assert_eq!(unseen, 1, "5 new, 3 read, 1 unread expunged");
+
+    let badge_of = |r: &dovepush_mocks::ApnsRequest| r.json()["aps"]["badge"].as_u64();
+    eventually("a badge push with Dovecot's unseen count", || {
+        apns.requests()
+            .last()
+            .is_some_and(|r| badge_of(r) == Some(u64::from(unseen)))
+    })
+    .await;
+    let metrics = outbox_settled(addr).await;
+    // One IMAP command, one event: the STORE of 3 mails is one messageRead.
+    for event in ["messageRead", "messageExpunge"] {
+        assert!(
+            metrics.contains(&format!(
+                "dovepush_ingested_events_total{{event=\"{event}\"}} 1\n"
+            )),
+            "{event}: {metrics}\n{}",
+            dovecot.log()
+        );
+    }
+    let requests = apns.requests();
+    let badges = &requests[alerts..];
+    assert!(!badges.is_empty());
+    for r in badges {
+        assert_eq!(r.header("apns-push-type"), Some("background"));
+        assert_eq!(r.header("apns-priority"), Some("5"));
+        let body = r.json();
+        assert_eq!(body["aps"]["content-available"], 1, "{body}");
+        assert!(body["aps"].get("alert").is_none(), "{body}");
+    }
+    assert_eq!(badge_of(requests.last().unwrap()), Some(u64::from(unseen)));
+    assert!(metrics.contains(&format!(
+        "dovepush_push_badge_sent_total{{transport=\"apns\"}} {}\n",
+        badges.len()
+    )));
+
+    // The stock-ox-style endpoint got the 5 messageNew and nothing since.
+    let seen_by_ox = ox.requests();
+    assert_eq!(
+        seen_by_ox.len(),
+        5,
+        "{:?}",
+        seen_by_ox.iter().map(|r| r.json()).collect::<Vec<_>>()
+    );
+    assert!(seen_by_ox.iter().all(|r| r.json()["event"] == "messageNew"));
+
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+    drop(dovecot);
+}

@@ -51,6 +51,8 @@ pub struct Options {
     pub users: Vec<(String, String)>,
     /// Plugins for `protocol lmtp` and `protocol lda`, e.g. `notify dovepush`.
     pub delivery_plugins: String,
+    /// Plugins for `protocol imap` (dovepush's badge events: `notify dovepush`).
+    pub imap_plugins: String,
     /// Lines for the `plugin {}` section.
     pub plugin_settings: Vec<(String, String)>,
     /// The built plugin to install as `lib20_dovepush_plugin.so`, if any.
@@ -79,6 +81,7 @@ impl Default for Options {
                 ("bob".into(), "bob-secret".into()),
             ],
             delivery_plugins: String::new(),
+            imap_plugins: String::new(),
             plugin_settings: Vec::new(),
             dovepush_module: None,
             dovepush_sender: None,
@@ -669,6 +672,7 @@ protocol lda {{
 }}
 protocol imap {{
   imap_metadata = yes
+  mail_plugins = $mail_plugins {imap_plugins}
 }}
 plugin {{
 {plugin}}}
@@ -677,6 +681,7 @@ plugin {{
         pid = std::process::id(),
         mail_location = options.mail_location,
         plugins = options.delivery_plugins,
+        imap_plugins = options.imap_plugins,
         extra = options.extra_config,
     )
 }
@@ -700,6 +705,10 @@ fn config_24(
     let mut plugins = String::new();
     for plugin in options.delivery_plugins.split_whitespace() {
         plugins.push_str(&format!("    {plugin} = yes\n"));
+    }
+    let mut imap_plugins = String::new();
+    for plugin in options.imap_plugins.split_whitespace() {
+        imap_plugins.push_str(&format!("    {plugin} = yes\n"));
     }
     let (driver, path) = options
         .mail_location
@@ -767,6 +776,10 @@ protocol lmtp {{
 protocol lda {{
   mail_plugins {{
 {plugins}  }}
+}}
+protocol imap {{
+  mail_plugins {{
+{imap_plugins}  }}
 }}
 {global}{extra}
 {service}"#,

@@ -5,6 +5,7 @@
 //! - [`debian13`]: the Debian 13 root where that Dovecot can be 2.4.1, with dovepush
 //!   built inside it;
 //! - [`lmtp`]: a minimal LMTP client for deliveries, timing each reply;
+//! - [`imap`]: a minimal IMAP client (log in, `STORE`, `EXPUNGE`, `STATUS`);
 //! - [`sink`]: an HTTP/1.1 receiver that records notifications and answers with a
 //!   chosen status after a chosen delay;
 //! - [`messages`]: sample mails, well-formed and malformed;
@@ -20,6 +21,7 @@
 pub mod debian13;
 pub mod dovecot;
 pub mod fswatch;
+pub mod imap;
 pub mod lmtp;
 pub mod loopfs;
 pub mod messages;
