@@ -312,10 +312,11 @@ async fn bearer_tokens_are_judged_by_dovecots_oauth2_passdb() {
 /// Issue 15, badges: the dovepush plugin in lmtp and imap, its sender service sending to
 /// the receiver (which takes the badge events) and to a stock-ox-style endpoint (an ox
 /// line: `messageNew` only); the receiver pushes to a mock APNs. An IMAP client marks 3
-/// of 5 new mails `\Seen` in one `STORE` and expunges an unseen one: one `messageRead`
-/// and one `messageExpunge` reach the receiver, the APNs gets silent background pushes
-/// whose last badge is Dovecot's `STATUS INBOX (UNSEEN)`, and the ox endpoint gets
-/// nothing but the 5 `messageNew`.
+/// of 5 new mails `\Seen` in one `STORE`, expunges an unseen one and moves the last
+/// unseen one out: one `messageRead` and two `messageExpunge` reach the receiver, the
+/// APNs gets silent background pushes whose last badge is Dovecot's `STATUS INBOX
+/// (UNSEEN)` (0: the badge is cleared), and the ox endpoint gets nothing but the 5
+/// `messageNew`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_and_expunges_in_imap_become_silent_badge_pushes() {
     use dovepush_receiver::transport::push::transports_from_config;
@@ -398,13 +399,22 @@ async fn reads_and_expunges_in_imap_become_silent_badge_pushes() {
         imap.command("STORE 1:3 +FLAGS.SILENT (\\Seen)").unwrap();
         imap.command("STORE 4 +FLAGS.SILENT (\\Deleted)").unwrap();
         imap.command("EXPUNGE").unwrap();
+        let after_expunge = imap.unseen("INBOX").unwrap();
+        // Moving out is an expunge in INBOX (Archive is not watched).
+        imap.command("CREATE Archive").unwrap();
+        imap.command("MOVE 4 Archive").unwrap();
         let unseen = imap.unseen("INBOX").unwrap();
         imap.logout().unwrap();
-        unseen
+        (after_expunge, unseen)
     })
     .await
     .unwrap();
-    assert_eq!(unseen, 1, "5 new, 3 read, 1 unread expunged");
+    assert_eq!(
+        unseen,
+        (1, 0),
+        "5 new, 3 read, 1 unread expunged, 1 unread moved out"
+    );
+    let unseen = unseen.1;
 
     let badge_of = |r: &dovepush_mocks::ApnsRequest| r.json()["aps"]["badge"].as_u64();
     eventually("a badge push with Dovecot's unseen count", || {
@@ -415,10 +425,10 @@ async fn reads_and_expunges_in_imap_become_silent_badge_pushes() {
     .await;
     let metrics = outbox_settled(addr).await;
     // One IMAP command, one event: the STORE of 3 mails is one messageRead.
-    for event in ["messageRead", "messageExpunge"] {
+    for (event, count) in [("messageRead", 1), ("messageExpunge", 2)] {
         assert!(
             metrics.contains(&format!(
-                "dovepush_ingested_events_total{{event=\"{event}\"}} 1\n"
+                "dovepush_ingested_events_total{{event=\"{event}\"}} {count}\n"
             )),
             "{event}: {metrics}\n{}",
             dovecot.log()
