@@ -243,7 +243,9 @@ async fn malformed_and_oversized_bodies_get_json_reasons(backend: Backend) {
         ("{".into(), "body"),
         ("[]".into(), "body"),
         (r#"{"event":"messageNew","folder":"INBOX","imap-uidvalidity":1,"imap-uid":1}"#.into(), "user"),
-        (r#"{"user":"a","event":"messageRead","folder":"INBOX","imap-uidvalidity":1,"imap-uid":1}"#.into(), "event"),
+        (r#"{"user":"a","event":"flagsSet","folder":"INBOX","imap-uidvalidity":1,"imap-uid":1}"#.into(), "event"),
+        // A badge event is nothing without its count.
+        (r#"{"user":"a","event":"messageRead","folder":"INBOX","imap-uidvalidity":1,"imap-uid":1}"#.into(), "unseen"),
         (r#"{"user":"a","event":"messageNew","folder":"INBOX","imap-uidvalidity":"1","imap-uid":1}"#.into(), "imap-uidvalidity"),
         (r#"{"user":"a","event":"messageNew","folder":"INBOX","imap-uidvalidity":1}"#.into(), "imap-uid"),
         (r#"{"user":"a","event":"messageNew","folder":"INBOX","imap-uidvalidity":1,"imap-uid":1,"unseen":-2}"#.into(), "unseen"),
