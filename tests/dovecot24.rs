@@ -317,6 +317,90 @@ fn named_endpoints_as_migrated_from_the_stock_ox_block() {
     assert_eq!(a[0].event_id(), b[0].event_id(), "one event, one id");
 }
 
+/// Badges on 2.4: the plugin in imap as well; an IMAP client reads two of three new
+/// mails in one `STORE` and expunges the third. The block that takes the badge events
+/// (`events = …`) gets one `messageRead` and one `messageExpunge`, the last with
+/// Dovecot's `STATUS INBOX (UNSEEN)`; the ox block (default events) only the deliveries.
+#[test]
+fn imap_reads_and_expunges_reach_only_the_block_that_takes_them() {
+    let Some(d13) = root() else { return };
+    let ox = Sink::start();
+    let ours = Sink::start();
+    let blocks = format!(
+        "dovepush ox {{\n  url = {}\n}}\n\
+         dovepush receiver {{\n  url = {}\n  events = messageNew messageRead messageExpunge\n}}\n",
+        ox.url(None),
+        ours.url(None)
+    );
+    let dovecot = Dovecot::start(Options {
+        delivery_plugins: "notify dovepush".into(),
+        imap_plugins: "notify dovepush".into(),
+        dovepush_module: Some(d13.plugin.clone()),
+        extra_config: blocks,
+        debian13: Some(d13),
+        ..Options::default()
+    })
+    .unwrap();
+    dovecot
+        .set_subscription("alice", Some("user=alice"))
+        .unwrap();
+    let mut lmtp = dovecot.lmtp().unwrap();
+    for n in 1..=3 {
+        lmtp.deliver(&["alice@example.com"], &messages::simple(n))
+            .unwrap();
+    }
+    assert_eq!(ox.wait_for(3, WAIT).len(), 3, "log:\n{}", dovecot.log());
+    assert_eq!(ours.wait_for(3, WAIT).len(), 3);
+
+    let mut imap =
+        dovepush_testkit::imap::ImapClient::login(dovecot.imap_port, "alice", "alice-secret")
+            .unwrap();
+    imap.command("SELECT INBOX").unwrap();
+    imap.command("STORE 1:2 +FLAGS.SILENT (\\Seen)").unwrap();
+    imap.command("STORE 3 +FLAGS.SILENT (\\Deleted)").unwrap();
+    imap.command("EXPUNGE").unwrap();
+    let unseen = imap.unseen("INBOX").unwrap();
+    imap.logout().unwrap();
+    assert_eq!(unseen, 0);
+
+    let got = ours.wait_for(5, WAIT);
+    assert_eq!(got.len(), 5, "log:\n{}", dovecot.log());
+    // Two commands, two requests: the service may send them in either order.
+    let mut badges: Vec<(String, u64)> = got[3..]
+        .iter()
+        .map(|r| {
+            let body = r.json();
+            (
+                body["event"].as_str().unwrap().to_string(),
+                body["unseen"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    badges.sort();
+    assert_eq!(
+        badges,
+        [
+            ("messageExpunge".to_string(), u64::from(unseen)),
+            ("messageRead".to_string(), 1),
+        ]
+    );
+    let body = got[3..]
+        .iter()
+        .map(Request::json)
+        .find(|b| b["event"] == "messageExpunge")
+        .unwrap();
+    assert_eq!(body["user"], "alice");
+    assert_eq!(body["imap-uid"], 3);
+    assert!(body.get("subject").is_none());
+    let seen_by_ox: Vec<String> = ox
+        .requests()
+        .iter()
+        .map(|r| r.json()["event"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(seen_by_ox, ["messageNew"; 3]);
+    assert!(complaints(&dovecot.log()).is_empty(), "{}", dovecot.log());
+}
+
 const FIELDS: &[&str] = &[
     "user",
     "event",
