@@ -174,7 +174,7 @@ impl Dovepush {
     }
 
     /// The user's subscriber identity when `mailbox` is watched and the user subscribed
-    /// (`what` names the event in debug lines); remembers the socket's place.
+    /// (`what` begins the debug line: `delivery to`); remembers the socket's place.
     fn follow(
         &mut self,
         user: &User<'_>,
@@ -200,7 +200,7 @@ impl Dovepush {
         Self::debug(
             &active,
             user,
-            &format!("{what} in {folder} followed (subscriber {subscriber})"),
+            &format!("{what} {folder} followed (subscriber {subscriber})"),
         );
         Some((active, username, folder, subscriber))
     }
@@ -313,7 +313,7 @@ impl Plugin for Dovepush {
     }
 
     fn delivery_begin(&mut self, user: &User<'_>, mailbox: &Mailbox<'_>) -> Option<Delivery> {
-        let (active, username, folder, subscriber) = self.follow(user, mailbox, "delivery")?;
+        let (active, username, folder, subscriber) = self.follow(user, mailbox, "delivery to")?;
         Some(Delivery {
             username,
             folder,
@@ -385,7 +385,8 @@ impl Plugin for Dovepush {
     }
 
     fn change_begin(&mut self, user: &User<'_>, mailbox: &Mailbox<'_>) -> Option<Followed> {
-        let (active, username, folder, subscriber) = self.follow(user, mailbox, "unseen change")?;
+        let (active, username, folder, subscriber) =
+            self.follow(user, mailbox, "unseen change in")?;
         Some(Followed {
             username,
             folder,
