@@ -315,6 +315,7 @@ mod tests {
                 subject: None,
                 snippet: None,
                 unseen: None,
+                time_ms: None,
             },
         )
     }

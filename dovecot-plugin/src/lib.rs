@@ -371,6 +371,7 @@ impl Plugin for Dovepush {
                 subject: mail.subject.clone(),
                 snippet: mail.snippet.clone(),
                 unseen,
+                time_ms: None,
             }
             .within_limits();
             let record = Record::new(
@@ -424,6 +425,7 @@ impl Plugin for Dovepush {
                 return;
             }
         };
+        let created_ms = now_ms();
         let body = Notification {
             user: change.username.clone(),
             event,
@@ -434,12 +436,14 @@ impl Plugin for Dovepush {
             subject: None,
             snippet: None,
             unseen: Some(unseen),
+            // Orders crossing badge events at the receiver.
+            time_ms: Some(created_ms),
         };
         let record = Record::new(
             self.ids.next(),
             change.username,
             change.subscriber,
-            now_ms(),
+            created_ms,
             body,
         );
         Self::debug(

@@ -76,6 +76,7 @@ mod tests {
                     subject: None,
                     snippet: None,
                     unseen: None,
+                    time_ms: None,
                 },
             }],
         };

@@ -186,6 +186,11 @@ pub struct Notification {
     pub snippet: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unseen: Option<u32>,
+    /// dovepush's badge events only: when Dovecot committed the change (milliseconds
+    /// since the Unix epoch, the mail host's clock), so that a receiver keeps the newest
+    /// count when two events cross on the way.
+    #[serde(rename = "event-time-ms", skip_serializing_if = "Option::is_none")]
+    pub time_ms: Option<u64>,
 }
 
 /// A body field that could not be accepted, with a reason for the client.
@@ -230,6 +235,8 @@ struct RawNotification {
     unseen: Option<u32>,
     /// The OX middleware's name for `unseen`.
     unread: Option<u32>,
+    #[serde(rename = "event-time-ms")]
+    time_ms: Option<u64>,
 }
 
 impl TryFrom<RawNotification> for Notification {
@@ -273,6 +280,7 @@ impl TryFrom<RawNotification> for Notification {
             subject: raw.subject,
             snippet: raw.snippet,
             unseen,
+            time_ms: raw.time_ms,
         })
     }
 }
@@ -386,6 +394,7 @@ mod tests {
             subject: Some("Test =?utf-8?q?p=C3=A4iv=C3=A4=C3=A4?=".into()),
             snippet: Some("Hey guys This is only a test...".into()),
             unseen: Some(2),
+            time_ms: None,
         }
     }
 
@@ -499,12 +508,13 @@ mod tests {
             subject: None,
             snippet: None,
             unseen: Some(0),
+            time_ms: Some(1_764_000_000_123),
             ..notification()
         };
         let json = n.to_json();
         assert_eq!(
             json,
-            r#"{"user":"3@2","event":"messageRead","folder":"INBOX","imap-uidvalidity":1655200000,"imap-uid":7,"unseen":0}"#
+            r#"{"user":"3@2","event":"messageRead","folder":"INBOX","imap-uidvalidity":1655200000,"imap-uid":7,"unseen":0,"event-time-ms":1764000000123}"#
         );
         assert_eq!(Notification::from_json(json.as_bytes()).unwrap(), n);
         let expunge = json.replace("messageRead", "messageExpunge");

@@ -233,6 +233,7 @@ mod tests {
                 subject: None,
                 snippet: None,
                 unseen: Some(1),
+                time_ms: None,
             },
         )
     }

@@ -468,6 +468,7 @@ mod tests {
                 subject: Some("hi".into()),
                 snippet: None,
                 unseen: None,
+                time_ms: None,
             },
         )
     }

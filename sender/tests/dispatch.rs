@@ -34,6 +34,7 @@ fn record(n: u32) -> Record {
             subject: Some(format!("mail {n}")),
             snippet: None,
             unseen: Some(n),
+            time_ms: None,
         },
     )
 }
