@@ -205,6 +205,7 @@ async fn subscriptions_and_queue_commands() {
                     subject: None,
                     snippet: None,
                     unseen: Some(1),
+                    time_ms: None,
                     received_at: 1_700_000_000_000,
                 },
                 4_000_000_000_000,

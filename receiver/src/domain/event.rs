@@ -30,6 +30,8 @@ pub struct NewMailEvent {
     pub subject: Option<String>,
     pub snippet: Option<String>,
     pub unseen: Option<u32>,
+    /// Badge events: when Dovecot committed the change (`event-time-ms`).
+    pub time_ms: Option<u64>,
     /// Milliseconds since the Unix epoch, when the receiver accepted it.
     pub received_at: i64,
 }
@@ -48,6 +50,7 @@ impl NewMailEvent {
             subject: n.subject,
             snippet: n.snippet,
             unseen: n.unseen,
+            time_ms: n.time_ms,
             received_at,
         }
     }
@@ -87,6 +90,10 @@ pub struct PushContent {
     /// update, whatever the device's privacy mode.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub badge_only: bool,
+    /// A badge update's `event-time-ms`: of two crossing on the way, the later change's
+    /// count is kept.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub time_ms: Option<u64>,
 }
 
 /// The content of a fresh event: its strings move, nothing is copied.
@@ -104,6 +111,7 @@ impl From<NewMailEvent> for PushContent {
             received_at: e.received_at,
             coalesced: 0,
             badge_only: e.kind.is_badge_update(),
+            time_ms: e.time_ms,
         }
     }
 }
@@ -113,9 +121,14 @@ impl PushContent {
     /// wins; its unseen count wins when it has one (otherwise the last known count stays).
     /// A badge update does not replace a pending new-mail alert: the alert stays and
     /// takes the newer count, so a mail read right after it arrived is still announced
-    /// once, with the right badge.
+    /// once, with the right badge. Of two badge updates, the one whose change Dovecot
+    /// committed later wins, whichever arrived last.
     pub fn absorb(self, newer: PushContent) -> PushContent {
         let coalesced = self.coalesced + 1 + newer.coalesced;
+        let crossed = matches!((self.time_ms, newer.time_ms), (Some(a), Some(b)) if b < a);
+        if newer.badge_only && self.badge_only && crossed {
+            return PushContent { coalesced, ..self };
+        }
         if newer.badge_only && !self.badge_only {
             return PushContent {
                 unseen: newer.unseen.or(self.unseen),
@@ -175,6 +188,7 @@ mod tests {
             received_at: uid as i64,
             coalesced: 0,
             badge_only: false,
+            time_ms: None,
         };
         let merged = mk(1, Some(1)).absorb(mk(2, Some(2))).absorb(mk(3, None));
         assert_eq!(merged.uid, 3);
@@ -219,11 +233,16 @@ mod tests {
             received_at: 0,
             coalesced: 0,
             badge_only: true,
+            time_ms: Some(100 - u64::from(unseen)),
         };
         let burst = badge(5).absorb(badge(4)).absorb(badge(2));
         assert!(burst.badge_only);
         assert_eq!(burst.unseen, Some(2));
         assert_eq!(burst.coalesced, 2);
+        // Crossed on the way: the later change's count stays.
+        let crossed = badge(2).absorb(badge(4));
+        assert_eq!(crossed.unseen, Some(2));
+        assert_eq!(crossed.coalesced, 1);
 
         let alert = PushContent::from(parse_notification(STOCK.as_bytes(), None, 0).unwrap());
         let read_soon_after = alert.clone().absorb(badge(1));

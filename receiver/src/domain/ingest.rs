@@ -1,6 +1,7 @@
 //! Accepting a new-mail event: one durable commit of the event and its outbox items, the
 //! items the store wrote in flight handed to the dispatcher, then counting it and waking
-//! the dispatcher to claim the others.
+//! the dispatcher to claim the others. A badge update waits at least
+//! [`BADGE_COALESCE`] for more, so that a burst of reads is one push.
 //!
 //! The hand-over happens whatever becomes of the request: a caller that stops waiting (a
 //! client that gave up) leaves the store's answer to a task that still hands the items
@@ -15,10 +16,25 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
 
-use super::event::NewMailEvent;
+use super::event::{EventKind, NewMailEvent};
 use super::outbox::HandOver;
 use super::store::{IngestOutcome, Ingested, Store, StoreError};
 use crate::telemetry::Metrics;
+
+/// How long a badge update (`messageRead`, `messageExpunge`) waits for more events at
+/// least: a client marking mails read one by one, or reading then expunging, gives one
+/// push with the latest count, and the phone's badge still follows within seconds.
+pub const BADGE_COALESCE: Duration = Duration::from_secs(1);
+
+/// How long a new item for an event of `kind` waits for more, given `[outbox]
+/// coalesce_milliseconds`.
+pub fn coalesce_window(coalesce: Duration, kind: EventKind) -> Duration {
+    if kind.is_badge_update() {
+        coalesce.max(BADGE_COALESCE)
+    } else {
+        coalesce
+    }
+}
 
 /// The ingest service.
 pub struct Ingest {
@@ -59,7 +75,7 @@ impl Ingest {
             None => ("", None),
         };
         let kind = event.kind;
-        let due_at = event.received_at + self.coalesce.as_millis() as i64;
+        let due_at = event.received_at + coalesce_window(self.coalesce, kind).as_millis() as i64;
         let ingesting = self.store.ingest(event, due_at, self.hand_over.room());
         let outcome = HandingOver::new(ingesting, &self.hand_over).await?;
         let m = &self.metrics;
@@ -141,6 +157,22 @@ impl Drop for HandingOver<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn badge_updates_wait_a_second_for_more_new_mail_does_not() {
+        let zero = Duration::ZERO;
+        assert_eq!(coalesce_window(zero, EventKind::MessageNew), zero);
+        assert_eq!(
+            coalesce_window(zero, EventKind::MessageRead),
+            BADGE_COALESCE
+        );
+        assert_eq!(
+            coalesce_window(zero, EventKind::MessageExpunge),
+            BADGE_COALESCE
+        );
+        let long = Duration::from_secs(5);
+        assert_eq!(coalesce_window(long, EventKind::MessageRead), long);
+    }
     use crate::domain::device::DeviceRegistration;
     use crate::domain::store::OutboxItem;
     use crate::store::sqlite::SqliteStore;
@@ -158,6 +190,7 @@ mod tests {
             subject: Some("hello".into()),
             snippet: None,
             unseen: Some(1),
+            time_ms: None,
             received_at: crate::domain::now_millis(),
         }
     }

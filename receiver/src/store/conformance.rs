@@ -67,6 +67,7 @@ fn event(user: &str, id: Option<&str>, uid: u32, at: i64) -> NewMailEvent {
         subject: Some(format!("s{uid}")),
         snippet: None,
         unseen: Some(uid),
+        time_ms: None,
         received_at: at,
     }
 }

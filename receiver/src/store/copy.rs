@@ -313,6 +313,7 @@ mod tests {
             subject: Some(format!("s{uid}")),
             snippet: None,
             unseen: Some(uid),
+            time_ms: None,
             received_at: 100 + i64::from(uid),
         }
     }

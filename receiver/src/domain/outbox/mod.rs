@@ -175,6 +175,7 @@ mod tests {
                 received_at: created_at,
                 coalesced: 0,
                 badge_only: false,
+                time_ms: None,
             },
             attempts,
             created_at,

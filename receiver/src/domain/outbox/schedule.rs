@@ -255,6 +255,7 @@ mod tests {
                 received_at: 0,
                 coalesced: 0,
                 badge_only: false,
+                time_ms: None,
             },
             attempts: 0,
             created_at: 0,

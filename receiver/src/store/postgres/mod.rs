@@ -634,6 +634,7 @@ pub(crate) mod tests {
             subject: None,
             snippet: None,
             unseen: Some(uid),
+            time_ms: None,
             received_at: at,
         }
     }
