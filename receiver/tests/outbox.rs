@@ -6,6 +6,7 @@ mod common;
 
 on_both_stores!(
     pending_events_for_one_device_are_coalesced,
+    a_burst_of_badge_updates_is_one_silent_push_with_the_latest_count,
     pending_outbox_survives_a_restart,
     transport_outcomes_are_acted_on,
     items_past_the_deadline_are_dropped_and_counted,
@@ -93,6 +94,63 @@ async fn pending_events_for_one_device_are_coalesced(backend: Backend) {
         "{m}"
     );
     assert!(m.contains("dovepush_outbox_depth 0\n"), "{m}");
+    r.stop().await;
+}
+
+async fn a_burst_of_badge_updates_is_one_silent_push_with_the_latest_count(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = RecordingTransport::new();
+    let transports = Transports::new().with_kind(DeviceKind::Apns, transport.clone());
+    // The default coalesce_milliseconds (0): badge updates wait their own second.
+    let r = Running::start(config_on(dir.path(), "", backend), transports, users()).await;
+    assert_eq!(
+        register(r.addr, "alice", "alice-pw", "alice-tok")
+            .await
+            .status,
+        201
+    );
+    let auth = notify_auth();
+    // Four changes of one IMAP session; the last two crossed on the way, so the last to
+    // arrive has the older count.
+    for (id, event, unseen, at) in [
+        ("r1", "messageRead", 4, 1_764_000_000_001u64),
+        ("r2", "messageRead", 3, 1_764_000_000_002),
+        ("r4", "messageRead", 1, 1_764_000_000_004),
+        ("r3", "messageExpunge", 2, 1_764_000_000_003),
+    ] {
+        let body = format!(
+            r#"{{"user":"alice","event":"{event}","folder":"INBOX","imap-uidvalidity":1,"imap-uid":{unseen},"unseen":{unseen},"event-time-ms":{at}}}"#
+        );
+        let reply = request(
+            r.addr,
+            "PUT",
+            NOTIFY_PATH,
+            &[
+                ("authorization", auth.as_str()),
+                ("x-dovepush-event-id", id),
+            ],
+            body,
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    eventually("a badge push", || !transport.pushes().is_empty()).await;
+    let m = outbox_settled(r.addr).await;
+    let pushes = transport.pushes();
+    assert_eq!(pushes.len(), 1, "{pushes:#?}");
+    let push = &pushes[0];
+    assert!(push.badge_only);
+    assert_eq!(push.unseen, Some(1));
+    assert_eq!(push.coalesced, 3);
+    assert!(
+        m.contains("dovepush_ingested_events_total{event=\"messageRead\"} 3\n")
+            && m.contains("dovepush_ingested_events_total{event=\"messageExpunge\"} 1\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("dovepush_push_badge_sent_total{transport=\"apns\"} 1\n"),
+        "{m}"
+    );
     r.stop().await;
 }
 

@@ -253,6 +253,7 @@ pub struct Push {
     pub subject: Option<String>,
     pub unseen: Option<u32>,
     pub coalesced: u32,
+    pub badge_only: bool,
 }
 
 impl Push {
@@ -269,6 +270,7 @@ impl Push {
             subject: n.subject.clone(),
             unseen: n.unseen,
             coalesced: n.coalesced,
+            badge_only: n.badge_only,
         }
     }
 }
