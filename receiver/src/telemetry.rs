@@ -188,6 +188,7 @@ pub struct Metrics {
     pub ingested: Counter,
     pub duplicates: Counter,
     pub dropped_no_device: Counter,
+    pub stale_badges: Counter,
     pub rejected: Counter,
     pub batches: Counter,
     pub login_throttled: Counter,
@@ -227,6 +228,7 @@ impl Metrics {
             ingested: Counter::default(),
             duplicates: Counter::default(),
             dropped_no_device: Counter::default(),
+            stale_badges: Counter::default(),
             rejected: Counter::default(),
             batches: Counter::default(),
             login_throttled: Counter::default(),
@@ -274,6 +276,11 @@ impl Metrics {
                 "dovepush_ingest_dropped_no_device",
                 "Notifications for users without a device following the folder",
                 &m.dropped_no_device,
+            ),
+            (
+                "dovepush_ingest_stale_badges",
+                "Badge updates older than one already taken for the user's folder (crossed on the way, or replayed late): committed, not pushed",
+                &m.stale_badges,
             ),
             (
                 "dovepush_ingest_rejected",

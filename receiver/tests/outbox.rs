@@ -111,7 +111,7 @@ async fn a_burst_of_badge_updates_is_one_silent_push_with_the_latest_count(backe
     );
     let auth = notify_auth();
     // Four changes of one IMAP session; the last two crossed on the way, so the last to
-    // arrive has the older count.
+    // arrive has the older count (and is dropped as stale).
     for (id, event, unseen, at) in [
         ("r1", "messageRead", 4, 1_764_000_000_001u64),
         ("r2", "messageRead", 3, 1_764_000_000_002),
@@ -141,7 +141,9 @@ async fn a_burst_of_badge_updates_is_one_silent_push_with_the_latest_count(backe
     let push = &pushes[0];
     assert!(push.badge_only);
     assert_eq!(push.unseen, Some(1));
-    assert_eq!(push.coalesced, 3);
+    // r2 and r4 folded into r1's item; r3 came after r4 and was known as stale.
+    assert_eq!(push.coalesced, 2);
+    assert!(m.contains("dovepush_ingest_stale_badges_total 1\n"), "{m}");
     assert!(
         m.contains("dovepush_ingested_events_total{event=\"messageRead\"} 3\n")
             && m.contains("dovepush_ingested_events_total{event=\"messageExpunge\"} 1\n"),

@@ -86,7 +86,10 @@ impl Ingest {
         }
         m.ingested.inc();
         m.ingested_event(kind);
-        if outcome.matched_devices == 0 {
+        if outcome.stale {
+            m.stale_badges.inc();
+            tracing::debug!(user = %user, event_id = ?event_id, "Badge update older than one already taken; dropped.");
+        } else if outcome.matched_devices == 0 {
             m.dropped_no_device.inc();
             tracing::debug!(user = %user, event_id = ?event_id, "No device follows this folder; event dropped.");
         } else {

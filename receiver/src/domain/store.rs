@@ -47,6 +47,10 @@ pub struct IngestOutcome {
     pub coalesced: u32,
     /// New items (counted in `queued`) written in flight, for the dispatcher.
     pub handed_over: u32,
+    /// A badge update older (by `event-time-ms`) than one committed before for the same
+    /// user and folder: committed (its id is known), but nothing queued, so that a late
+    /// event never pushes a stale count after the newer one.
+    pub stale: bool,
 }
 
 /// What [`Store::ingest`] resolves to: the items it wrote in flight and committed, which

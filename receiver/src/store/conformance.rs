@@ -37,7 +37,8 @@ macro_rules! store_conformance_tests {
             ingest_fans_out_dedups_and_coalesces,
             delete_device_completion_reports_last_device,
             in_flight_items_survive_reopen,
-            remove_and_queue_commands
+            remove_and_queue_commands,
+            a_badge_event_older_than_one_taken_is_stale
         );
     };
     ($backend:ty; $($name:ident),*) => {
@@ -70,6 +71,58 @@ fn event(user: &str, id: Option<&str>, uid: u32, at: i64) -> NewMailEvent {
         time_ms: None,
         received_at: at,
     }
+}
+
+/// A `messageRead` that Dovecot committed at `time_ms`, with `unseen`.
+fn badge(user: &str, id: &str, unseen: u32, time_ms: u64, at: i64) -> NewMailEvent {
+    NewMailEvent {
+        kind: crate::domain::event::EventKind::MessageRead,
+        subject: None,
+        unseen: Some(unseen),
+        time_ms: Some(time_ms),
+        ..event(user, Some(id), 0, at)
+    }
+}
+
+pub(crate) async fn a_badge_event_older_than_one_taken_is_stale<B: Backend>(b: &B) {
+    let s = b.open().await;
+    s.register_device(reg("alice", "t1", &["INBOX"]), 1)
+        .await
+        .unwrap();
+    // The newer change arrives first and is pushed (its item completed).
+    let newer = ingest(&s, badge("alice", "r2", 1, 2_000, 10), 10, 1).await;
+    assert_eq!(newer.result.unwrap().queued, 1);
+    let item = &newer.in_flight[0];
+    assert_eq!(item.content.unseen, Some(1));
+    s.complete(vec![Completed {
+        item_id: item.id,
+        device_id: item.device.id,
+        user: "alice".into(),
+        at: 11,
+        completion: Completion::Delivered,
+    }])
+    .await
+    .unwrap();
+    // The older one, replayed late: committed, not queued, and still a duplicate later.
+    let older = ingest(&s, badge("alice", "r1", 2, 1_000, 20), 20, 1).await;
+    let o = older.result.unwrap();
+    assert!(o.stale && !o.duplicate, "{o:?}");
+    assert_eq!((o.queued, o.coalesced), (0, 0));
+    assert!(older.in_flight.is_empty());
+    assert_eq!(depth(&s).await, 0);
+    assert!(
+        ingest(&s, badge("alice", "r1", 2, 1_000, 21), 21, 1)
+            .await
+            .result
+            .unwrap()
+            .duplicate
+    );
+    // A newer one goes on; new mail is never stale; another folder has its own times.
+    let next = ingest(&s, badge("alice", "r3", 0, 3_000, 30), 30, 1).await;
+    assert!(!next.result.unwrap().stale);
+    let mail = ingest(&s, event("alice", Some("e9"), 9, 31), 31, 0).await;
+    assert!(!mail.result.unwrap().stale);
+    assert!(b.event_ids().await.contains("r1"));
 }
 
 fn reg(user: &str, token: &str, mailboxes: &[&str]) -> DeviceRegistration {

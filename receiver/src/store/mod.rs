@@ -36,6 +36,15 @@ pub struct Migrated {
     pub to: u32,
 }
 
+/// The time a badge event is ordered by (its `event-time-ms`); `None` for new mail and
+/// for events without one.
+pub(crate) fn badge_time(event: &crate::domain::event::NewMailEvent) -> Option<i64> {
+    event
+        .time_ms
+        .filter(|_| event.kind.is_badge_update())
+        .and_then(|t| i64::try_from(t).ok())
+}
+
 /// Refuses a schema newer than this program knows (a newer receiver migrated it).
 pub(crate) fn check_version(found: u32, known: u32) -> Result<(), StoreError> {
     if found > known {

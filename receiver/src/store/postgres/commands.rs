@@ -87,14 +87,15 @@ async fn ingest_in(
 ) -> Result<(IngestOutcome, Vec<OutboxItem>), Fail> {
     let mut outcome = IngestOutcome::default();
     let mut in_flight = Vec::new();
+    let badge_time = crate::store::badge_time(event);
     // One round trip: the event (unless its id was seen), and if it is new the user's
     // devices, locked, each with whether it has an item already. One row even without
     // devices (then with NULLs), so that a duplicate is told from a user without any.
     let ingest = tx
         .prepare_cached(&format!(
             "WITH ev AS (
-                 INSERT INTO events (event_id, login, folder, uid, received_at)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING RETURNING 1)
+                 INSERT INTO events (event_id, login, folder, uid, received_at, time_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING RETURNING 1)
              SELECT (SELECT count(*) FROM ev), {DEVICE_COLUMNS},
                  EXISTS (SELECT 1 FROM outbox o WHERE o.device_id = d.id)
              FROM (SELECT 1) AS one LEFT JOIN LATERAL (
@@ -112,6 +113,7 @@ async fn ingest_in(
                 &event.folder,
                 &i64::from(event.uid),
                 &event.received_at,
+                &badge_time,
             ],
         )
         .await?;
@@ -119,6 +121,20 @@ async fn ingest_in(
     if inserted == 0 {
         outcome.duplicate = true;
         return Ok((outcome, in_flight));
+    }
+    if let Some(time_ms) = badge_time {
+        // The user's devices are locked now: a concurrent ingest for them has committed
+        // (and is seen by this statement) or waits for this one.
+        outcome.stale = tx
+            .query_opt(
+                "SELECT 1 FROM events WHERE login = $1 AND folder = $2 AND time_ms > $3 LIMIT 1",
+                &[&event.user, &event.folder, &time_ms],
+            )
+            .await?
+            .is_some();
+        if outcome.stale {
+            return Ok((outcome, in_flight));
+        }
     }
     let received_at = event.received_at;
     let content = PushContent::from(event.clone());

@@ -648,7 +648,10 @@ pub(crate) mod tests {
         let config = fresh_config();
         assert_eq!(
             PgStore::migrate(&config).await.unwrap(),
-            Migrated { from: 0, to: 1 }
+            Migrated {
+                from: 0,
+                to: schema::VERSION
+            }
         );
         // Three receivers starting at once: one migrates, the others find it done.
         let opened = futures_util::future::join_all(
@@ -658,7 +661,10 @@ pub(crate) mod tests {
         assert!(opened.iter().all(Result::is_ok));
         assert_eq!(
             PgStore::migrate(&config).await.unwrap(),
-            Migrated { from: 1, to: 1 }
+            Migrated {
+                from: schema::VERSION,
+                to: schema::VERSION
+            }
         );
         let store = PgStore::open_existing(&config).await.unwrap();
         store

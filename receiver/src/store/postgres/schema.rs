@@ -19,10 +19,23 @@ pub(super) const LOCK_MIGRATE: i32 = 0x6470_7573; // "dpus"
 pub(super) const LOCK_USER: i32 = 0x6470_7575; // "dpuu"
 
 /// Every migration, in order: version `i + 1` is `MIGRATIONS[i]`.
-pub(super) const MIGRATIONS: &[Migration] = &[Migration {
-    name: "devices, users, events, outbox, nodes",
-    sql: V1,
-}];
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "devices, users, events, outbox, nodes",
+        sql: V1,
+    },
+    Migration {
+        name: "badge event times",
+        sql: V2,
+    },
+];
+
+/// Badge events (`messageRead`, `messageExpunge`) keep when Dovecot committed them, so
+/// that a later-arriving older one is known as stale.
+const V2: &str = "
+ALTER TABLE events ADD COLUMN time_ms BIGINT;
+CREATE INDEX events_badge_time ON events (login, folder, time_ms) WHERE time_ms IS NOT NULL;
+";
 
 /// The schema version this program works with.
 pub(super) const VERSION: u32 = MIGRATIONS.len() as u32;

@@ -274,23 +274,36 @@ fn exec_ingest(
     due_at: i64,
     in_flight_limit: usize,
 ) -> Result<(IngestOutcome, i64, Vec<OutboxItem>), StoreError> {
+    let badge_time = crate::store::badge_time(&event);
     let inserted = conn
         .prepare_cached(
-            "INSERT INTO events (event_id, user, folder, uid, received_at)
-             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (event_id) DO NOTHING",
+            "INSERT INTO events (event_id, user, folder, uid, received_at, time_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (event_id) DO NOTHING",
         )?
         .execute(params![
             event.event_id,
             event.user,
             event.folder,
             event.uid,
-            event.received_at
+            event.received_at,
+            badge_time
         ])?;
     let mut outcome = IngestOutcome::default();
     let mut in_flight = Vec::new();
     if inserted == 0 {
         outcome.duplicate = true;
         return Ok((outcome, 0, in_flight));
+    }
+    if let Some(time_ms) = badge_time {
+        // The one writer serialises ingests: what is committed is all there is.
+        outcome.stale = conn
+            .prepare_cached(
+                "SELECT 1 FROM events WHERE user = ?1 AND folder = ?2 AND time_ms > ?3 LIMIT 1",
+            )?
+            .exists(params![event.user, event.folder, time_ms])?;
+        if outcome.stale {
+            return Ok((outcome, 0, in_flight));
+        }
     }
     let devices: Vec<RegisteredDevice> = conn
         .prepare_cached(concat!(

@@ -351,7 +351,7 @@ mod tests {
     crate::store_conformance_tests!(Sqlite);
 
     #[test]
-    fn a_file_of_before_versions_is_marked_version_1_and_a_newer_one_refused() {
+    fn a_file_of_before_versions_is_migrated_and_a_newer_one_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.sqlite");
         {
@@ -363,11 +363,17 @@ mod tests {
         }
         assert_eq!(
             SqliteStore::migrate(&path).unwrap(),
-            Migrated { from: 0, to: 1 }
+            Migrated {
+                from: 0,
+                to: schema::VERSION
+            }
         );
         assert_eq!(
             SqliteStore::migrate(&path).unwrap(),
-            Migrated { from: 1, to: 1 }
+            Migrated {
+                from: schema::VERSION,
+                to: schema::VERSION
+            }
         );
         drop(SqliteStore::open_existing(&path).unwrap());
         {

@@ -14,10 +14,23 @@ use crate::store::{Migrated, Migration};
 use dovepush_push::{Device, DeviceKind, Privacy};
 
 /// Every migration, in order: version `i + 1` is `MIGRATIONS[i]`.
-pub(super) const MIGRATIONS: &[Migration] = &[Migration {
-    name: "devices, users, events, outbox",
-    sql: SCHEMA_V1,
-}];
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "devices, users, events, outbox",
+        sql: SCHEMA_V1,
+    },
+    Migration {
+        name: "badge event times",
+        sql: SCHEMA_V2,
+    },
+];
+
+/// Badge events (`messageRead`, `messageExpunge`) keep when Dovecot committed them, so
+/// that a later-arriving older one is known as stale.
+const SCHEMA_V2: &str = "
+ALTER TABLE events ADD COLUMN time_ms INTEGER;
+CREATE INDEX events_badge_time ON events (user, folder, time_ms) WHERE time_ms IS NOT NULL;
+";
 
 /// The schema version this program works with.
 pub(crate) const VERSION: u32 = MIGRATIONS.len() as u32;
