@@ -59,8 +59,8 @@ use crate::domain::device::{DeviceRegistration, RegisteredDevice};
 use crate::domain::event::NewMailEvent;
 use crate::domain::now_millis;
 use crate::domain::store::{
-    CompleteOutcome, Completed, HeldLock, Ingested, OutboxItem, QueueEntry, RegisterOutcome,
-    RemoveOutcome, Store, StoreError, UserStatus,
+    CompleteOutcome, Completed, HeldLock, IdleRemoval, Ingested, OutboxItem, QueueEntry,
+    RegisterOutcome, RemoveOutcome, Store, StoreError, UserStatus,
 };
 use crate::store::Migrated;
 
@@ -409,6 +409,21 @@ impl Store for PgStore {
         })
     }
 
+    fn remove_idle_devices(
+        &self,
+        seen_before: i64,
+        limit: usize,
+        reason: String,
+        now: i64,
+    ) -> BoxFuture<'_, Result<IdleRemoval, StoreError>> {
+        Box::pin(async move {
+            retrying!(
+                "remove idle devices",
+                commands::remove_idle(&self.pool, seen_before, limit, &reason, now)
+            )
+        })
+    }
+
     fn claim_due(
         &self,
         now: i64,
@@ -646,7 +661,10 @@ pub(crate) mod tests {
         let config = fresh_config();
         assert_eq!(
             PgStore::migrate(&config).await.unwrap(),
-            Migrated { from: 0, to: 1 }
+            Migrated {
+                from: 0,
+                to: schema::VERSION
+            }
         );
         // Three receivers starting at once: one migrates, the others find it done.
         let opened = futures_util::future::join_all(
@@ -656,7 +674,10 @@ pub(crate) mod tests {
         assert!(opened.iter().all(Result::is_ok));
         assert_eq!(
             PgStore::migrate(&config).await.unwrap(),
-            Migrated { from: 1, to: 1 }
+            Migrated {
+                from: schema::VERSION,
+                to: schema::VERSION
+            }
         );
         let store = PgStore::open_existing(&config).await.unwrap();
         store

@@ -19,10 +19,16 @@ pub(super) const LOCK_MIGRATE: i32 = 0x6470_7573; // "dpus"
 pub(super) const LOCK_USER: i32 = 0x6470_7575; // "dpuu"
 
 /// Every migration, in order: version `i + 1` is `MIGRATIONS[i]`.
-pub(super) const MIGRATIONS: &[Migration] = &[Migration {
-    name: "devices, users, events, outbox, nodes",
-    sql: V1,
-}];
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "devices, users, events, outbox, nodes",
+        sql: V1,
+    },
+    Migration {
+        name: "devices by last registration, for the idle sweep",
+        sql: "CREATE INDEX devices_updated_at ON devices (updated_at);",
+    },
+];
 
 /// The schema version this program works with.
 pub(super) const VERSION: u32 = MIGRATIONS.len() as u32;

@@ -39,8 +39,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::domain::device::{DeviceRegistration, RegisteredDevice};
 use crate::domain::event::NewMailEvent;
 use crate::domain::store::{
-    CompleteOutcome, Completed, Ingested, OutboxItem, QueueEntry, RegisterOutcome, RemoveOutcome,
-    Store, StoreError, UserStatus,
+    CompleteOutcome, Completed, IdleRemoval, Ingested, OutboxItem, QueueEntry, RegisterOutcome,
+    RemoveOutcome, Store, StoreError, UserStatus,
 };
 use crate::store::Migrated;
 use commands::{recover_in_flight, Command, Reply};
@@ -274,6 +274,22 @@ impl Store for SqliteStore {
         self.read(move |conn| read_devices(conn, Some(&user)))
     }
 
+    fn remove_idle_devices(
+        &self,
+        seen_before: i64,
+        limit: usize,
+        reason: String,
+        now: i64,
+    ) -> BoxFuture<'_, Result<IdleRemoval, StoreError>> {
+        self.send(|reply| Command::RemoveIdle {
+            seen_before,
+            limit,
+            reason,
+            now,
+            reply,
+        })
+    }
+
     fn claim_due(
         &self,
         now: i64,
@@ -351,7 +367,7 @@ mod tests {
     crate::store_conformance_tests!(Sqlite);
 
     #[test]
-    fn a_file_of_before_versions_is_marked_version_1_and_a_newer_one_refused() {
+    fn a_file_of_before_versions_is_migrated_and_a_newer_one_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.sqlite");
         {
@@ -363,11 +379,17 @@ mod tests {
         }
         assert_eq!(
             SqliteStore::migrate(&path).unwrap(),
-            Migrated { from: 0, to: 1 }
+            Migrated {
+                from: 0,
+                to: schema::VERSION
+            }
         );
         assert_eq!(
             SqliteStore::migrate(&path).unwrap(),
-            Migrated { from: 1, to: 1 }
+            Migrated {
+                from: schema::VERSION,
+                to: schema::VERSION
+            }
         );
         drop(SqliteStore::open_existing(&path).unwrap());
         {

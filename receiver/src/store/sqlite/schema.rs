@@ -14,10 +14,16 @@ use crate::store::{Migrated, Migration};
 use dovepush_push::{Device, DeviceKind, Privacy};
 
 /// Every migration, in order: version `i + 1` is `MIGRATIONS[i]`.
-pub(super) const MIGRATIONS: &[Migration] = &[Migration {
-    name: "devices, users, events, outbox",
-    sql: SCHEMA_V1,
-}];
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "devices, users, events, outbox",
+        sql: SCHEMA_V1,
+    },
+    Migration {
+        name: "devices by last registration, for the idle sweep",
+        sql: "CREATE INDEX devices_updated_at ON devices (updated_at);",
+    },
+];
 
 /// The schema version this program works with.
 pub(crate) const VERSION: u32 = MIGRATIONS.len() as u32;
