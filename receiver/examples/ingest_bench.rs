@@ -305,17 +305,19 @@ async fn load(addrs: &[SocketAddr], s: &Settings, users: usize, run: &str) -> Lo
     }
 }
 
-/// A fresh store with `n` devices (users `user0..user{n-1}`), bulk-inserted.
+/// A fresh store with `n` devices (users `user0..user{n-1}`), bulk-inserted, registered
+/// now (so that the idle sweep leaves them).
 fn seed_store(path: &Path, n: usize) {
     drop(SqliteStore::open(path).expect("store"));
     let mut conn = rusqlite::Connection::open(path).unwrap();
     conn.execute_batch("PRAGMA synchronous = OFF").unwrap();
     let tx = conn.transaction().unwrap();
+    let now = dovepush_receiver::domain::now_millis();
     {
         let mut stmt = tx
             .prepare(
                 "INSERT INTO devices (user, app, token, transport, mailboxes, privacy, created_at, updated_at)
-                 VALUES (?1, 'mail', ?2, ?3, '[\"INBOX\"]', 'full', 1700000000000, 1700000000000)",
+                 VALUES (?1, 'mail', ?2, ?3, '[\"INBOX\"]', 'full', ?4, ?4)",
             )
             .unwrap();
         for i in 0..n {
@@ -323,7 +325,8 @@ fn seed_store(path: &Path, n: usize) {
             stmt.execute(rusqlite::params![
                 format!("user{i}"),
                 format!("{:064x}", i as u128 * 0x9E37_79B9_7F4A_7C15),
-                transport
+                transport,
+                now
             ])
             .unwrap();
         }

@@ -609,6 +609,7 @@ pub fn subscriptions_table(users: &[UserStatus]) -> String {
         "TRANSPORT",
         "TOKEN",
         "CREATED",
+        "LAST SEEN",
         "LAST SUCCESS",
         "LAST ERROR",
         "PENDING",
@@ -618,6 +619,7 @@ pub fn subscriptions_table(users: &[UserStatus]) -> String {
         if u.devices.is_empty() {
             rows.push(vec![
                 u.user.clone(),
+                "-".into(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
@@ -634,6 +636,7 @@ pub fn subscriptions_table(users: &[UserStatus]) -> String {
                 d.device.kind.as_str().to_owned(),
                 shorten_token(&d.device.token),
                 format_millis(d.created_at),
+                format_millis(d.last_seen_at()),
                 opt_time(d.last_success_at),
                 d.last_error
                     .clone()

@@ -60,6 +60,7 @@ use config::{Config, TlsFiles};
 use domain::credential_watch::{self, CredentialWatch};
 use domain::credentials::CredentialCache;
 use domain::ingest::Ingest;
+use domain::lifetime::IdleSweep;
 use domain::outbox::{Dispatcher, HandOver, RetryPolicy, SEND_TIMEOUT};
 use domain::registry::Registry;
 use domain::resync::SubscriptionDirectory;
@@ -178,6 +179,13 @@ pub async fn run_with_directory(
         directory,
         vapid_keys,
     });
+    let idle_sweep = config.devices.max_idle.map(|max_idle| IdleSweep {
+        store: store.clone(),
+        user_locks: user_locks.clone(),
+        mail: mail.clone(),
+        metrics: metrics.clone(),
+        max_idle,
+    });
     let dispatcher = Dispatcher {
         user_locks,
         store: store.clone(),
@@ -200,6 +208,7 @@ pub async fn run_with_directory(
         stop_rx.clone(),
     ));
     let watcher = tokio::spawn(refresh_credentials(credentials, stop_rx.clone()));
+    let sweeper = idle_sweep.map(|sweep| tokio::spawn(sweep.run(stop_rx.clone())));
     let addr = listener.local_addr().ok();
     tracing::info!(address = ?addr, tls = tls.is_some(), store = %config.store.describe(), "Receiver running.");
     let server = tokio::spawn(http::serve(listener, tls, state, stop_rx));
@@ -211,6 +220,9 @@ pub async fn run_with_directory(
     let _ = dispatcher.await;
     let _ = pruner.await;
     let _ = watcher.await;
+    if let Some(sweeper) = sweeper {
+        let _ = sweeper.await;
+    }
     // What the dispatcher left in flight goes back to the other receivers now.
     store.close().await;
     Ok(())

@@ -195,6 +195,7 @@ pub struct Metrics {
     pub connections_limited: Counter,
     pub queued: Counter,
     pub coalesced: Counter,
+    pub devices_removed_idle: Counter,
     sent: Family<TransportLabels, Counter>,
     /// The `sent` family's series (one per kind), so that counting a push takes no lock.
     sent_by_kind: [Counter; DeviceKind::ALL.len()],
@@ -235,6 +236,7 @@ impl Metrics {
             connections_limited: Counter::default(),
             queued: Counter::default(),
             coalesced: Counter::default(),
+            devices_removed_idle: Counter::default(),
             sent: Family::default(),
             sent_by_kind: Default::default(),
             badge_sent: Family::default(),
@@ -307,6 +309,11 @@ impl Metrics {
                 "dovepush_outbox_coalesced",
                 "Events folded into an already pending outbox item",
                 &m.coalesced,
+            ),
+            (
+                "dovepush_devices_removed_idle",
+                "Devices removed because they had not registered for [devices] max_idle_days",
+                &m.devices_removed_idle,
             ),
         ];
         for (name, help, counter) in counters {

@@ -297,12 +297,12 @@ async fn migrate_then_copy_a_sqlite_store_into_postgres() {
     let out = cli(&["migrate", "--config", config]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).contains("schema migrated from version 0 to 2"),
+        text(&out.stdout).contains("schema migrated from version 0 to 3"),
         "{}",
         text(&out.stdout)
     );
     let out = cli(&["migrate", "--config", config]);
-    assert!(text(&out.stdout).contains("at version 2 already"));
+    assert!(text(&out.stdout).contains("at version 3 already"));
     {
         let store = SqliteStore::open(&dir.path().join("store.sqlite")).unwrap();
         store

@@ -184,7 +184,7 @@ request_timeout_secs = 10
                         mailboxes: vec!["INBOX".into()],
                         privacy: Privacy::Full,
                     },
-                    1,
+                    dovepush_receiver::domain::now_millis(),
                 )
                 .await
                 .unwrap();

@@ -50,6 +50,7 @@ pub struct DevicesSection {
     pub failure_delay_milliseconds: Option<u64>,
     pub lock_seconds: Option<u64>,
     pub max_concurrent_logins: Option<u64>,
+    pub max_idle_days: Option<u64>,
 }
 
 /// `[webpush]`: how far Web Push delivery may reach (endpoints are URLs users hand in).

@@ -72,6 +72,11 @@ pub const DEFAULT_FAILURE_DELAY_MILLISECONDS: u64 = 1000;
 pub const DEFAULT_LOCK_SECONDS: u64 = 300;
 /// `[devices] max_concurrent_logins`: IMAP logins to Dovecot in flight at once.
 pub const DEFAULT_MAX_CONCURRENT_LOGINS: u64 = 16;
+/// `[devices] max_idle_days`: devices that have not registered for this long are removed
+/// (0: never).
+pub const DEFAULT_MAX_IDLE_DAYS: u64 = 90;
+/// Largest accepted `[devices] max_idle_days` (ten years).
+pub const MAX_MAX_IDLE_DAYS: u64 = 3650;
 /// `[webpush] timeout_seconds`: bound on one exchange with a push service.
 pub const DEFAULT_WEBPUSH_TIMEOUT_SECONDS: u64 = 10;
 /// Shortest accepted admin token.
@@ -150,13 +155,16 @@ impl ServerConfig {
     }
 }
 
-/// `[devices]`: the device API's defences against guessing and floods.
+/// `[devices]`: the device API's defences against guessing and floods, and how long an
+/// unseen device is kept.
 #[derive(Debug, Clone, Copy)]
 pub struct DevicesConfig {
     pub max_failed_logins: u32,
     pub failure_delay: Duration,
     pub lock: Duration,
     pub max_concurrent_logins: usize,
+    /// Devices not registered for this long are removed; `None`: kept forever.
+    pub max_idle: Option<Duration>,
 }
 
 impl Default for DevicesConfig {
@@ -166,6 +174,7 @@ impl Default for DevicesConfig {
             failure_delay: Duration::from_millis(DEFAULT_FAILURE_DELAY_MILLISECONDS),
             lock: Duration::from_secs(DEFAULT_LOCK_SECONDS),
             max_concurrent_logins: DEFAULT_MAX_CONCURRENT_LOGINS as usize,
+            max_idle: Some(Duration::from_secs(DEFAULT_MAX_IDLE_DAYS * 86_400)),
         }
     }
 }

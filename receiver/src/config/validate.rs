@@ -440,7 +440,16 @@ pub(super) fn check(
             "must be between 1 and 10000",
         );
     }
+    let max_idle_days = devices.max_idle_days.unwrap_or(DEFAULT_MAX_IDLE_DAYS);
+    if max_idle_days > MAX_MAX_IDLE_DAYS {
+        c.problems.bad(
+            "devices.max_idle_days",
+            format!("must be between 0 (never) and {MAX_MAX_IDLE_DAYS}"),
+        );
+    }
     let devices = DevicesConfig {
+        max_idle: (max_idle_days > 0)
+            .then(|| Duration::from_secs(max_idle_days.min(MAX_MAX_IDLE_DAYS) * 86_400)),
         max_failed_logins: max_failures.min(1000) as u32,
         failure_delay: Duration::from_millis(
             devices

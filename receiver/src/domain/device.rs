@@ -54,6 +54,15 @@ pub struct RegisteredDevice {
 }
 
 impl RegisteredDevice {
+    /// When it last registered (created or refreshed by `PUT /v1/devices`): what the
+    /// idle sweep ([`super::lifetime`]) goes by. Milliseconds since the epoch.
+    pub fn last_seen_at(&self) -> i64 {
+        self.device
+            .registered_at
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(self.created_at, |d| d.as_millis() as i64)
+    }
+
     /// The privacy its pushes get.
     pub fn privacy(&self) -> Privacy {
         self.device.privacy.unwrap_or_default()

@@ -12,6 +12,7 @@
 //! * [`ingest`] — accepting an event: durable commit of the event and its outbox items,
 //!   the items written in flight handed to the dispatcher.
 //! * [`outbox`] — retry policy, the hand-over, and the dispatcher that drives transports.
+//! * [`lifetime`] — the periodic sweep removing devices that stopped registering.
 //! * [`throttle`] — failed logins slow down, then lock out, per client address and user.
 
 pub mod credential_watch;
@@ -19,6 +20,7 @@ pub mod credentials;
 pub mod device;
 pub mod event;
 pub mod ingest;
+pub mod lifetime;
 pub mod outbox;
 pub mod registry;
 pub mod resync;

@@ -117,6 +117,46 @@ impl UserLocks {
     }
 }
 
+/// Clears `user`'s subscription METADATA with the master login after something other than
+/// the user removed their last device (a push service, the idle sweep): under the user's
+/// lock, and only if no device was registered since (that registration set it again).
+/// Logs what it did, naming the user; failures leave the METADATA as is (the plugin's
+/// events for the user are then dropped by the receiver, and `resync` fixes it).
+pub async fn clear_subscription_if_no_devices(
+    user: String,
+    store: Arc<dyn Store>,
+    locks: UserLocks,
+    mail: Arc<dyn MailServer>,
+) {
+    let _guard = match locks.lock(&user).await {
+        Ok(guard) => guard,
+        Err(e) => {
+            tracing::warn!(user = %user, error = %e, "Cannot lock the user; subscription METADATA left as is.");
+            return;
+        }
+    };
+    match store.devices_of(user.clone()).await {
+        Ok(devices) if devices.is_empty() => {}
+        Ok(_) => return,
+        Err(e) => {
+            tracing::warn!(user = %user, error = %e, "Cannot read the user's devices; subscription METADATA left as is.");
+            return;
+        }
+    }
+    match mail.clear_subscription_as_master(&user).await {
+        Ok(()) => {
+            tracing::info!(user = %user, "Last device removed; subscription METADATA cleared.")
+        }
+        Err(MailError::NoMasterUser) => tracing::info!(
+            user = %user,
+            "Last device removed; no master user to clear the METADATA (events will be dropped)."
+        ),
+        Err(e) => {
+            tracing::warn!(user = %user, error = %e, "Cannot clear the subscription METADATA.")
+        }
+    }
+}
+
 /// IMAP logins in flight at once unless [`Registry::with_max_concurrent_logins`] says.
 const DEFAULT_LOGIN_SLOTS: usize = 16;
 

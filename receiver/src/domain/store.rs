@@ -132,6 +132,24 @@ pub struct CompleteOutcome {
     pub users_without_devices: Vec<String>,
 }
 
+/// A device an idle sweep removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdleDevice {
+    pub user: String,
+    pub app: String,
+    pub transport: String,
+    /// When it last registered (`PUT /v1/devices`), ms since the epoch.
+    pub last_seen: i64,
+}
+
+/// What [`Store::remove_idle_devices`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdleRemoval {
+    pub removed: Vec<IdleDevice>,
+    /// Users whose last device was removed by this call.
+    pub users_without_devices: Vec<String>,
+}
+
 /// One user in the status listing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UserStatus {
@@ -188,6 +206,18 @@ pub trait Store: Send + Sync {
         user: String,
         token: String,
     ) -> BoxFuture<'_, Result<RemoveOutcome, StoreError>>;
+
+    /// Removes up to `limit` devices that have not registered (`PUT /v1/devices` creates
+    /// or refreshes) since `seen_before`, oldest first, with their outbox items, and
+    /// records `reason` at `now` on their users. Fewer than `limit` removed: no more are
+    /// idle.
+    fn remove_idle_devices(
+        &self,
+        seen_before: i64,
+        limit: usize,
+        reason: String,
+        now: i64,
+    ) -> BoxFuture<'_, Result<IdleRemoval, StoreError>>;
 
     /// The user's devices, oldest first.
     fn devices_of(&self, user: String) -> BoxFuture<'_, Result<Vec<RegisteredDevice>, StoreError>>;

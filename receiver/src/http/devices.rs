@@ -46,6 +46,7 @@ pub fn device_json(d: &RegisteredDevice) -> Value {
         "mailboxes": d.mailboxes,
         "privacy": d.privacy().as_str(),
         "created": format_millis(d.created_at),
+        "last_seen": format_millis(d.last_seen_at()),
         "last_success": d.last_success_at.map(format_millis),
         "last_error": d.last_error,
         "pending": d.pending,

@@ -33,6 +33,7 @@ pub fn subscriptions_json(users: &[UserStatus]) -> Value {
                         "privacy": d.privacy().as_str(),
                         "mailboxes": d.mailboxes,
                         "created": format_millis(d.created_at),
+                        "last_seen": format_millis(d.last_seen_at()),
                         "last_success": d.last_success_at.map(format_millis),
                         "last_error": d.last_error,
                         "last_error_at": d.last_error_at.map(format_millis),

@@ -36,6 +36,7 @@ macro_rules! store_conformance_tests {
             nothing_in_flight_when_not_due,
             ingest_fans_out_dedups_and_coalesces,
             delete_device_completion_reports_last_device,
+            idle_devices_go_with_their_items_refreshed_ones_stay,
             in_flight_items_survive_reopen,
             remove_and_queue_commands,
             a_badge_event_older_than_one_taken_is_stale
@@ -320,6 +321,64 @@ pub(crate) async fn delete_device_completion_reports_last_device<B: Backend>(b: 
     assert_eq!(subs[0].last_error.as_deref(), Some("Unregistered"));
     assert!(subs[0].devices.is_empty());
     assert_eq!(depth(&s).await, 0);
+}
+
+pub(crate) async fn idle_devices_go_with_their_items_refreshed_ones_stay<B: Backend>(b: &B) {
+    let s = b.open().await;
+    s.register_device(reg("alice", "t1", &["INBOX"]), 1)
+        .await
+        .unwrap();
+    s.register_device(reg("alice", "t2", &["INBOX"]), 1)
+        .await
+        .unwrap();
+    s.register_device(reg("bob", "t3", &["INBOX"]), 2)
+        .await
+        .unwrap();
+    // t2 registers again (the app started): seen at 50.
+    s.register_device(reg("alice", "t2", &["INBOX"]), 50)
+        .await
+        .unwrap();
+    ingest(&s, event("bob", None, 1, 10), 1_000, 0)
+        .await
+        .result
+        .unwrap();
+    assert_eq!(depth(&s).await, 1);
+
+    let first = s
+        .remove_idle_devices(40, 1, "idle".into(), 60)
+        .await
+        .unwrap();
+    assert_eq!(first.removed.len(), 1, "{first:?}");
+    assert_eq!(
+        (first.removed[0].user.as_str(), first.removed[0].last_seen),
+        ("alice", 1)
+    );
+    assert!(first.users_without_devices.is_empty(), "alice keeps t2");
+
+    let second = s
+        .remove_idle_devices(40, 10, "idle".into(), 61)
+        .await
+        .unwrap();
+    assert_eq!(second.removed.len(), 1, "{second:?}");
+    assert_eq!(second.removed[0].user, "bob");
+    assert_eq!(second.users_without_devices, vec!["bob".to_string()]);
+    assert_eq!(
+        depth(&s).await,
+        0,
+        "bob's pending item went with his device"
+    );
+
+    let third = s
+        .remove_idle_devices(40, 10, "idle".into(), 62)
+        .await
+        .unwrap();
+    assert!(third.removed.is_empty());
+    let alice = s.devices_of("alice".into()).await.unwrap();
+    assert_eq!(alice.len(), 1);
+    assert_eq!(alice[0].device.token, "t2");
+    let bob = s.subscriptions(Some("bob".into())).await.unwrap();
+    assert_eq!(bob[0].last_error.as_deref(), Some("idle"));
+    assert_eq!(bob[0].last_error_at, Some(61));
 }
 
 pub(crate) async fn in_flight_items_survive_reopen<B: Backend>(b: &B) {

@@ -35,7 +35,7 @@ pub async fn seed_devices(path: &Path, n: usize) {
                         mailboxes: vec!["INBOX".into()],
                         privacy: Privacy::Full,
                     },
-                    1,
+                    dovepush_receiver::domain::now_millis(),
                 )
             })
             .collect();

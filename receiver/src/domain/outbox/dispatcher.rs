@@ -16,10 +16,10 @@ use super::schedule::{earliest_retry, AfterClaim, Claim, Schedule};
 use super::{notification_for, Decision, RetryPolicy};
 use crate::domain::credential_watch::CredentialWatch;
 use crate::domain::device::shorten_token;
-use crate::domain::registry::UserLocks;
+use crate::domain::registry::{clear_subscription_if_no_devices, UserLocks};
 use crate::domain::store::{Completed, Completion, OutboxItem, Store};
 use crate::domain::{jitter_unit, now_millis};
-use crate::mailserver::{MailError, MailServer};
+use crate::mailserver::MailServer;
 use crate::telemetry::{FailureClass, Metrics};
 use crate::transport::Transports;
 
@@ -305,40 +305,12 @@ impl Dispatcher {
         match self.store.complete(batch.clone()).await {
             Ok(outcome) => {
                 for user in outcome.users_without_devices {
-                    let mail = self.mail.clone();
-                    let store = self.store.clone();
-                    let locks = self.user_locks.clone();
-                    tokio::spawn(async move {
-                        // Under the user's lock, and only if no device was registered
-                        // since (that registration set the METADATA again).
-                        let _guard = match locks.lock(&user).await {
-                            Ok(guard) => guard,
-                            Err(e) => {
-                                tracing::warn!(user = %user, error = %e, "Cannot lock the user; subscription METADATA left as is.");
-                                return;
-                            }
-                        };
-                        match store.devices_of(user.clone()).await {
-                            Ok(devices) if devices.is_empty() => {}
-                            Ok(_) => return,
-                            Err(e) => {
-                                tracing::warn!(user = %user, error = %e, "Cannot read the user's devices; subscription METADATA left as is.");
-                                return;
-                            }
-                        }
-                        match mail.clear_subscription_as_master(&user).await {
-                            Ok(()) => {
-                                tracing::info!(user = %user, "Last device removed; subscription METADATA cleared.")
-                            }
-                            Err(MailError::NoMasterUser) => tracing::info!(
-                                user = %user,
-                                "Last device removed; no master user to clear the METADATA (events will be dropped)."
-                            ),
-                            Err(e) => {
-                                tracing::warn!(user = %user, error = %e, "Cannot clear the subscription METADATA.")
-                            }
-                        }
-                    });
+                    tokio::spawn(clear_subscription_if_no_devices(
+                        user,
+                        self.store.clone(),
+                        self.user_locks.clone(),
+                        self.mail.clone(),
+                    ));
                 }
             }
             Err(e) => {

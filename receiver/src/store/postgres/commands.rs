@@ -1,5 +1,5 @@
 //! The transactions that change the PostgreSQL store: ingest (the event and its fan-out),
-//! register, remove, claim, complete; giving back and taking over in-flight items; the
+//! register, remove, the idle-device sweep, claim, complete; giving back and taking over in-flight items; the
 //! node's lease; the held advisory lock of a user.
 //!
 //! Lock order, the same in every transaction: device rows (by id), then outbox rows.
@@ -17,8 +17,8 @@ use crate::domain::device::{wants_folder, DeviceRegistration};
 use crate::domain::event::{NewMailEvent, PushContent};
 use crate::domain::now_millis;
 use crate::domain::store::{
-    CompleteOutcome, Completed, Completion, IngestOutcome, OutboxItem, RegisterOutcome,
-    RemoveOutcome, StoreError,
+    CompleteOutcome, Completed, Completion, IdleDevice, IdleRemoval, IngestOutcome, OutboxItem,
+    RegisterOutcome, RemoveOutcome, StoreError,
 };
 
 // Outbox states, spelled as literals in the SQL (as in the SQLite store, so the partial
@@ -301,6 +301,77 @@ pub(super) async fn remove(pool: &Pool, user: &str, token: &str) -> Result<Remov
     })
 }
 
+/// Records `reason` as the user's last error (why a device of theirs was removed).
+async fn record_user_error(
+    tx: &Transaction<'_>,
+    user: &str,
+    reason: &str,
+    at: i64,
+) -> Result<(), Fail> {
+    tx.execute(
+        "INSERT INTO users (login, last_error, last_error_at) VALUES ($1, $2, $3)
+         ON CONFLICT (login) DO UPDATE SET last_error = $2, last_error_at = $3",
+        &[&user, &reason, &at],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Removes up to `limit` devices not registered since `seen_before`, skipping rows another
+/// receiver is changing right now (a registration refreshing one wins; another node's
+/// sweep takes the rest).
+pub(super) async fn remove_idle(
+    pool: &Pool,
+    seen_before: i64,
+    limit: usize,
+    reason: &str,
+    now: i64,
+) -> Result<IdleRemoval, Fail> {
+    let mut client = get(pool).await?;
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query(
+            "SELECT id, login, app, transport, updated_at FROM devices
+             WHERE updated_at < $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+            &[&seen_before, &(limit as i64)],
+        )
+        .await?;
+    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    tx.execute("DELETE FROM outbox WHERE device_id = ANY($1)", &[&ids])
+        .await?;
+    tx.execute("DELETE FROM devices WHERE id = ANY($1)", &[&ids])
+        .await?;
+    let mut removed: Vec<IdleDevice> = rows
+        .iter()
+        .map(|r| IdleDevice {
+            user: r.get(1),
+            app: r.get(2),
+            transport: r.get(3),
+            last_seen: r.get(4),
+        })
+        .collect();
+    removed.sort_by_key(|d| d.last_seen);
+    let mut outcome = IdleRemoval {
+        removed,
+        users_without_devices: Vec::new(),
+    };
+    // Users' rows in one order (by login) in every sweep, so two sweeps cannot deadlock.
+    let users: std::collections::BTreeSet<&str> =
+        outcome.removed.iter().map(|d| d.user.as_str()).collect();
+    for user in users {
+        record_user_error(&tx, user, reason, now).await?;
+        let left: i64 = tx
+            .query_one("SELECT count(*) FROM devices WHERE login = $1", &[&user])
+            .await?
+            .get(0);
+        if left == 0 {
+            outcome.users_without_devices.push(user.to_owned());
+        }
+    }
+    tx.commit().await?;
+    Ok(outcome)
+}
+
 /// Claims up to `limit` due pending items for `node`, oldest due first, skipping rows
 /// another node is claiming (or changing) right now.
 pub(super) async fn claim(
@@ -473,12 +544,7 @@ pub(super) async fn complete(
                 let removed = tx
                     .execute("DELETE FROM devices WHERE id = $1", &[&c.device_id])
                     .await?;
-                tx.execute(
-                    "INSERT INTO users (login, last_error, last_error_at) VALUES ($1, $2, $3)
-                     ON CONFLICT (login) DO UPDATE SET last_error = $2, last_error_at = $3",
-                    &[&c.user, reason, &c.at],
-                )
-                .await?;
+                record_user_error(&tx, &c.user, reason, c.at).await?;
                 let left: i64 = tx
                     .query_one("SELECT count(*) FROM devices WHERE login = $1", &[&c.user])
                     .await?

@@ -59,8 +59,8 @@ use crate::domain::device::{DeviceRegistration, RegisteredDevice};
 use crate::domain::event::NewMailEvent;
 use crate::domain::now_millis;
 use crate::domain::store::{
-    CompleteOutcome, Completed, HeldLock, Ingested, OutboxItem, QueueEntry, RegisterOutcome,
-    RemoveOutcome, Store, StoreError, UserStatus,
+    CompleteOutcome, Completed, HeldLock, IdleRemoval, Ingested, OutboxItem, QueueEntry,
+    RegisterOutcome, RemoveOutcome, Store, StoreError, UserStatus,
 };
 use crate::store::Migrated;
 
@@ -406,6 +406,21 @@ impl Store for PgStore {
             queries::devices(&self.client().await?, Some(&user))
                 .await
                 .map_err(|e| e.into_store("read devices"))
+        })
+    }
+
+    fn remove_idle_devices(
+        &self,
+        seen_before: i64,
+        limit: usize,
+        reason: String,
+        now: i64,
+    ) -> BoxFuture<'_, Result<IdleRemoval, StoreError>> {
+        Box::pin(async move {
+            retrying!(
+                "remove idle devices",
+                commands::remove_idle(&self.pool, seen_before, limit, &reason, now)
+            )
         })
     }
 

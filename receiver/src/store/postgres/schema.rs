@@ -25,14 +25,18 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         sql: V1,
     },
     Migration {
+        name: "devices by last registration, for the idle sweep",
+        sql: "CREATE INDEX devices_updated_at ON devices (updated_at);",
+    },
+    Migration {
         name: "badge event times",
-        sql: V2,
+        sql: V3,
     },
 ];
 
 /// Badge events (`messageRead`, `messageExpunge`) keep when Dovecot committed them, so
 /// that a later-arriving older one is known as stale.
-const V2: &str = "
+const V3: &str = "
 ALTER TABLE events ADD COLUMN time_ms BIGINT;
 CREATE INDEX events_badge_time ON events (login, folder, time_ms) WHERE time_ms IS NOT NULL;
 ";

@@ -1,6 +1,6 @@
 //! The commands the writer thread runs, each inside the batch's transaction: ingest (the
 //! event and its fan-out), register, remove, claim, complete, the operators' queue
-//! commands and pruning; and the recovery of items a previous process left in flight.
+//! commands, pruning and the idle-device sweep; and the recovery of items a previous process left in flight.
 
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
@@ -9,8 +9,8 @@ use super::schema::device_from_row;
 use crate::domain::device::{wants_folder, DeviceRegistration, RegisteredDevice};
 use crate::domain::event::{NewMailEvent, PushContent};
 use crate::domain::store::{
-    CompleteOutcome, Completed, Completion, IngestOutcome, Ingested, OutboxItem, RegisterOutcome,
-    RemoveOutcome, StoreError,
+    CompleteOutcome, Completed, Completion, IdleDevice, IdleRemoval, IngestOutcome, Ingested,
+    OutboxItem, RegisterOutcome, RemoveOutcome, StoreError,
 };
 
 /// Where a command's result goes.
@@ -63,6 +63,13 @@ pub(super) enum Command {
         user: String,
         token: String,
         reply: Reply<RemoveOutcome>,
+    },
+    RemoveIdle {
+        seen_before: i64,
+        limit: usize,
+        reason: String,
+        now: i64,
+        reply: Reply<IdleRemoval>,
     },
     Claim {
         now: i64,
@@ -193,6 +200,7 @@ pub(super) fn fail_command(command: Command) -> Answer {
         }),
         Command::Register { reply, .. } => f(reply),
         Command::Remove { reply, .. } => f(reply),
+        Command::RemoveIdle { reply, .. } => f(reply),
         Command::Claim { reply, .. } => f(reply),
         Command::Complete { reply, .. } => f(reply),
         Command::QueueRetry { reply, .. } => f(reply),
@@ -236,6 +244,16 @@ pub(super) fn execute(conn: &Connection, command: Command) -> (bool, i64, Answer
             reply,
         } => done(reply, exec_register(conn, &registration, now)),
         Command::Remove { user, token, reply } => done(reply, exec_remove(conn, &user, &token)),
+        Command::RemoveIdle {
+            seen_before,
+            limit,
+            reason,
+            now,
+            reply,
+        } => done(
+            reply,
+            exec_remove_idle(conn, seen_before, limit, &reason, now),
+        ),
         Command::Claim { now, limit, reply } => done(reply, exec_claim(conn, now, limit)),
         Command::Complete { done: items, reply } => done(reply, exec_complete(conn, items)),
         Command::QueueRetry { id, now, reply } => done(
@@ -472,6 +490,62 @@ fn exec_remove(
     ))
 }
 
+/// Records `reason` as the user's last error (why a device of theirs was removed).
+fn record_user_error(conn: &Connection, user: &str, reason: &str, at: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO users (user, last_error, last_error_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (user) DO UPDATE SET last_error = ?2, last_error_at = ?3",
+    )?
+    .execute(params![user, reason, at])
+    .map(drop)
+}
+
+fn exec_remove_idle(
+    conn: &Connection,
+    seen_before: i64,
+    limit: usize,
+    reason: &str,
+    now: i64,
+) -> Result<(IdleRemoval, i64), StoreError> {
+    let idle = conn
+        .prepare_cached(
+            "SELECT id, user, app, transport, updated_at FROM devices
+             WHERE updated_at < ?1 ORDER BY updated_at, id LIMIT ?2",
+        )?
+        .query_map(params![seen_before, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                IdleDevice {
+                    user: r.get(1)?,
+                    app: r.get(2)?,
+                    transport: r.get(3)?,
+                    last_seen: r.get(4)?,
+                },
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut outcome = IdleRemoval::default();
+    let mut delta = 0i64;
+    for (id, device) in idle {
+        let items = conn
+            .prepare_cached("DELETE FROM outbox WHERE device_id = ?1")?
+            .execute([id])?;
+        delta -= items as i64;
+        conn.prepare_cached("DELETE FROM devices WHERE id = ?1")?
+            .execute([id])?;
+        record_user_error(conn, &device.user, reason, now)?;
+        outcome.removed.push(device);
+    }
+    for device in &outcome.removed {
+        if !outcome.users_without_devices.contains(&device.user)
+            && count_devices(conn, &device.user)? == 0
+        {
+            outcome.users_without_devices.push(device.user.clone());
+        }
+    }
+    Ok((outcome, delta))
+}
+
 /// The claim's selection: due pending items with their devices, oldest due first.
 pub(super) const CLAIM_SQL: &str = concat!(
     "SELECT o.id, o.content, o.attempts, o.created_at, o.due_at, ",
@@ -587,11 +661,7 @@ fn exec_complete(
                 let removed = conn
                     .prepare_cached("DELETE FROM devices WHERE id = ?1")?
                     .execute([c.device_id])?;
-                conn.prepare_cached(
-                    "INSERT INTO users (user, last_error, last_error_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (user) DO UPDATE SET last_error = ?2, last_error_at = ?3",
-                )?
-                .execute(params![c.user, reason, c.at])?;
+                record_user_error(conn, &c.user, reason, c.at)?;
                 if removed > 0
                     && count_devices(conn, &c.user)? == 0
                     && !outcome.users_without_devices.contains(&c.user)

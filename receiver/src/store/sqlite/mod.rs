@@ -39,8 +39,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::domain::device::{DeviceRegistration, RegisteredDevice};
 use crate::domain::event::NewMailEvent;
 use crate::domain::store::{
-    CompleteOutcome, Completed, Ingested, OutboxItem, QueueEntry, RegisterOutcome, RemoveOutcome,
-    Store, StoreError, UserStatus,
+    CompleteOutcome, Completed, IdleRemoval, Ingested, OutboxItem, QueueEntry, RegisterOutcome,
+    RemoveOutcome, Store, StoreError, UserStatus,
 };
 use crate::store::Migrated;
 use commands::{recover_in_flight, Command, Reply};
@@ -272,6 +272,22 @@ impl Store for SqliteStore {
 
     fn devices_of(&self, user: String) -> BoxFuture<'_, Result<Vec<RegisteredDevice>, StoreError>> {
         self.read(move |conn| read_devices(conn, Some(&user)))
+    }
+
+    fn remove_idle_devices(
+        &self,
+        seen_before: i64,
+        limit: usize,
+        reason: String,
+        now: i64,
+    ) -> BoxFuture<'_, Result<IdleRemoval, StoreError>> {
+        self.send(|reply| Command::RemoveIdle {
+            seen_before,
+            limit,
+            reason,
+            now,
+            reply,
+        })
     }
 
     fn claim_due(

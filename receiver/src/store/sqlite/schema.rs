@@ -20,14 +20,18 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         sql: SCHEMA_V1,
     },
     Migration {
+        name: "devices by last registration, for the idle sweep",
+        sql: "CREATE INDEX devices_updated_at ON devices (updated_at);",
+    },
+    Migration {
         name: "badge event times",
-        sql: SCHEMA_V2,
+        sql: SCHEMA_V3,
     },
 ];
 
 /// Badge events (`messageRead`, `messageExpunge`) keep when Dovecot committed them, so
 /// that a later-arriving older one is known as stale.
-const SCHEMA_V2: &str = "
+const SCHEMA_V3: &str = "
 ALTER TABLE events ADD COLUMN time_ms INTEGER;
 CREATE INDEX events_badge_time ON events (user, folder, time_ms) WHERE time_ms IS NOT NULL;
 ";
