@@ -75,6 +75,21 @@ pub fn system_time(ms: i64) -> SystemTime {
 }
 
 #[cfg(test)]
+impl DeviceRegistration {
+    /// An APNs device of app `mail` following INBOX, full privacy, for tests.
+    pub(crate) fn for_tests(user: &str, token: &str) -> DeviceRegistration {
+        DeviceRegistration {
+            user: user.into(),
+            app: "mail".into(),
+            transport: DeviceKind::Apns,
+            token: token.into(),
+            mailboxes: vec!["INBOX".into()],
+            privacy: Privacy::Full,
+        }
+    }
+}
+
+#[cfg(test)]
 impl RegisteredDevice {
     /// A device of `user` for tests: app `mail`, INBOX, full privacy, created at 0, no
     /// outcome yet, nothing pending.

@@ -114,7 +114,6 @@ mod tests {
     use crate::domain::device::DeviceRegistration;
     use crate::mailserver::{MailCredential, MailError, SubscriptionChange};
     use crate::store::sqlite::SqliteStore;
-    use dovepush_push::{DeviceKind, Privacy};
     use futures_util::future::BoxFuture;
     use std::net::IpAddr;
     use std::sync::Mutex;
@@ -146,17 +145,6 @@ mod tests {
         }
     }
 
-    fn reg(user: &str, token: &str) -> DeviceRegistration {
-        DeviceRegistration {
-            user: user.into(),
-            app: "mail".into(),
-            transport: DeviceKind::Apns,
-            token: token.into(),
-            mailboxes: vec!["INBOX".into()],
-            privacy: Privacy::Full,
-        }
-    }
-
     #[tokio::test]
     async fn idle_devices_go_with_the_last_ones_subscription_refreshed_ones_stay() {
         let dir = tempfile::tempdir().unwrap();
@@ -178,15 +166,18 @@ mod tests {
             ("bob", "b2"),
             ("carol", "c1"),
         ] {
-            store.register_device(reg(user, token), t0).await.unwrap();
+            store
+                .register_device(DeviceRegistration::for_tests(user, token), t0)
+                .await
+                .unwrap();
         }
         // 60 days later carol's app and one of bob's start again: PUT /v1/devices.
         store
-            .register_device(reg("carol", "c1"), t0 + 60 * DAY)
+            .register_device(DeviceRegistration::for_tests("carol", "c1"), t0 + 60 * DAY)
             .await
             .unwrap();
         store
-            .register_device(reg("bob", "b2"), t0 + 60 * DAY)
+            .register_device(DeviceRegistration::for_tests("bob", "b2"), t0 + 60 * DAY)
             .await
             .unwrap();
 
@@ -225,14 +216,20 @@ mod tests {
             Arc::new(SqliteStore::open(&dir.path().join("s.sqlite")).unwrap());
         let mail = Arc::new(FakeMail::default());
         let locks = UserLocks::local();
-        store.register_device(reg("alice", "a1"), 0).await.unwrap();
+        store
+            .register_device(DeviceRegistration::for_tests("alice", "a1"), 0)
+            .await
+            .unwrap();
         let removed = store
             .remove_idle_devices(10, 10, "idle".into(), 20)
             .await
             .unwrap();
         assert_eq!(removed.users_without_devices, vec!["alice".to_string()]);
         // The app registers again between the removal and the clear.
-        store.register_device(reg("alice", "a2"), 21).await.unwrap();
+        store
+            .register_device(DeviceRegistration::for_tests("alice", "a2"), 21)
+            .await
+            .unwrap();
         clear_subscription_if_no_devices("alice".into(), store, locks, mail.clone()).await;
         assert!(mail.cleared.lock().unwrap().is_empty());
     }

@@ -11,7 +11,6 @@ use crate::domain::event::NewMailEvent;
 use crate::domain::store::{
     Completed, Completion, Ingested, RegisterOutcome, RemoveOutcome, Store,
 };
-use dovepush_push::{DeviceKind, Privacy};
 
 /// A store backend under test.
 pub(crate) trait Backend: Sized {
@@ -128,12 +127,8 @@ pub(crate) async fn a_badge_event_older_than_one_taken_is_stale<B: Backend>(b: &
 
 fn reg(user: &str, token: &str, mailboxes: &[&str]) -> DeviceRegistration {
     DeviceRegistration {
-        user: user.into(),
-        app: "mail".into(),
-        transport: DeviceKind::Apns,
-        token: token.into(),
         mailboxes: mailboxes.iter().map(|s| s.to_string()).collect(),
-        privacy: Privacy::Full,
+        ..DeviceRegistration::for_tests(user, token)
     }
 }
 

@@ -292,12 +292,10 @@ mod tests {
 
     fn reg(user: &str, token: &str) -> DeviceRegistration {
         DeviceRegistration {
-            user: user.into(),
-            app: "mail".into(),
             transport: DeviceKind::Fcm,
-            token: token.into(),
             mailboxes: vec!["INBOX".into(), "Work".into()],
             privacy: Privacy::Silent,
+            ..DeviceRegistration::for_tests(user, token)
         }
     }
 

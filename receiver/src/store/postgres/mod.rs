@@ -571,7 +571,6 @@ pub(crate) mod tests {
     use crate::domain::event::NewMailEvent;
     use crate::domain::store::Completion;
     use crate::store::conformance::Backend;
-    use dovepush_push::{DeviceKind, Privacy};
     use dovepush_testkit::postgres;
 
     /// The config of a fresh database on this test binary's private PostgreSQL.
@@ -625,17 +624,6 @@ pub(crate) mod tests {
     }
 
     crate::store_conformance_tests!(Pg);
-
-    fn reg(user: &str, token: &str) -> DeviceRegistration {
-        DeviceRegistration {
-            user: user.into(),
-            app: "mail".into(),
-            transport: DeviceKind::Apns,
-            token: token.into(),
-            mailboxes: vec!["INBOX".into()],
-            privacy: Privacy::Full,
-        }
-    }
 
     fn event(user: &str, id: &str, uid: u32, at: i64) -> NewMailEvent {
         NewMailEvent {
@@ -719,9 +707,12 @@ pub(crate) mod tests {
         let config = fresh_config();
         let (a, b) = (node(&config, "a").await, node(&config, "b").await);
         for n in 0..40 {
-            a.register_device(reg(&format!("u{n}"), &format!("t{n}")), 1)
-                .await
-                .unwrap();
+            a.register_device(
+                DeviceRegistration::for_tests(&format!("u{n}"), &format!("t{n}")),
+                1,
+            )
+            .await
+            .unwrap();
         }
         assert_eq!(b.devices_of("u7".into()).await.unwrap().len(), 1);
         for n in 0..40 {
@@ -757,8 +748,12 @@ pub(crate) mod tests {
         let config = fresh_config();
         let lease = config.lease.as_millis() as i64;
         let (a, b) = (node(&config, "a").await, node(&config, "b").await);
-        a.register_device(reg("alice", "t1"), 1).await.unwrap();
-        a.register_device(reg("bob", "t2"), 1).await.unwrap();
+        a.register_device(DeviceRegistration::for_tests("alice", "t1"), 1)
+            .await
+            .unwrap();
+        a.register_device(DeviceRegistration::for_tests("bob", "t2"), 1)
+            .await
+            .unwrap();
         let now = now_millis();
         a.heartbeat(now).await.unwrap();
         b.heartbeat(now).await.unwrap();
@@ -795,7 +790,9 @@ pub(crate) mod tests {
     async fn a_node_that_stops_gives_its_items_back_at_once() {
         let config = fresh_config();
         let (a, b) = (node(&config, "a").await, node(&config, "b").await);
-        a.register_device(reg("alice", "t1"), 1).await.unwrap();
+        a.register_device(DeviceRegistration::for_tests("alice", "t1"), 1)
+            .await
+            .unwrap();
         let now = now_millis();
         a.ingest(event("alice", "e1", 1, now), now, 0)
             .await
@@ -971,7 +968,9 @@ pub(crate) mod tests {
             lease: Duration::from_secs(30),
         };
         let s = node(&config, "a").await;
-        s.register_device(reg("alice", "t1"), 1).await.unwrap();
+        s.register_device(DeviceRegistration::for_tests("alice", "t1"), 1)
+            .await
+            .unwrap();
         pg.stop();
         let failed = s.ingest(event("alice", "e1", 1, 10), 10, 0).await;
         assert!(
