@@ -35,18 +35,10 @@ async fn registration_sets_and_clears_metadata_and_deliveries_arrive() {
         .await
         .unwrap()
         .expect("private dovecot starts");
-    let text = config_text(dir.path(), "")
-        .replace(
-            "[outbox]",
-            &format!(
-                "[dovecot]\nimap = \"127.0.0.1:{}\"\ntls = \"none\"\n[outbox]",
-                dovecot.imap_port
-            ),
-        )
-        .replace(
-            "listen = \"127.0.0.1:0\"",
-            "listen = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1\"]",
-        );
+    let text = with_dovecot_imap(&config_text(dir.path(), ""), dovecot.imap_port).replace(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1\"]",
+    );
     let cfg = Config::parse(&text, &dir.path().join("receiver.toml")).unwrap();
     let transport = RecordingTransport::new();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -352,13 +344,7 @@ async fn reads_and_expunges_in_imap_become_silent_badge_pushes() {
         .unwrap()
         .expect("private dovecot starts");
     let (apns, app) = mock_apns_app(dir.path()).await;
-    let text = config_text(dir.path(), &app).replace(
-        "[outbox]",
-        &format!(
-            "[dovecot]\nimap = \"127.0.0.1:{}\"\ntls = \"none\"\n[outbox]",
-            dovecot.imap_port
-        ),
-    );
+    let text = with_dovecot_imap(&config_text(dir.path(), &app), dovecot.imap_port);
     let cfg = Config::parse(&text, &dir.path().join("receiver.toml")).unwrap();
     let transports = transports_from_config(&cfg).unwrap();
     let (stop, stopped) = oneshot::channel::<()>();

@@ -51,13 +51,7 @@ async fn lmtp_delivery_reaches_apns_through_plugin_and_receiver() {
 
     // The mock APNs and the receiver's `[[apps]]` pointing at it.
     let (apns, app) = mock_apns_app(dir.path()).await;
-    let text = config_text(dir.path(), &app).replace(
-        "[outbox]",
-        &format!(
-            "[dovecot]\nimap = \"127.0.0.1:{}\"\ntls = \"none\"\n[outbox]",
-            dovecot.imap_port
-        ),
-    );
+    let text = with_dovecot_imap(&config_text(dir.path(), &app), dovecot.imap_port);
     let path = dir.path().join("receiver.toml");
     std::fs::write(&path, text).unwrap();
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));

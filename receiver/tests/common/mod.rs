@@ -68,6 +68,15 @@ pub enum Backend {
     Postgres,
 }
 
+/// A config `text` (from [`config_text`]) whose `[dovecot]` section logs in to a private
+/// Dovecot's plain IMAP port.
+pub fn with_dovecot_imap(text: &str, imap_port: u16) -> String {
+    text.replace(
+        "[outbox]",
+        &format!("[dovecot]\nimap = \"127.0.0.1:{imap_port}\"\ntls = \"none\"\n[outbox]"),
+    )
+}
+
 /// [`config_text`] with the store on `backend`. The PostgreSQL database is made at the
 /// first call for `dir` and named in a file there, so a receiver restarted with the same
 /// `dir` finds its data again.
