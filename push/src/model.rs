@@ -155,6 +155,28 @@ pub struct Notification {
     pub badge_only: bool,
 }
 
+#[cfg(test)]
+impl Notification {
+    /// Alice's mail 42 in INBOX (UIDVALIDITY 7, 3 unseen, event id `ev1`), from an
+    /// encoded `Ärger <a@example.org>`, subject `über`, snippet `secret body`: the payload
+    /// tests' notification (each overrides what it checks).
+    pub(crate) fn for_tests() -> Notification {
+        Notification {
+            user: "alice".into(),
+            folder: "INBOX".into(),
+            uidvalidity: 7,
+            uid: 42,
+            from: Some("=?utf-8?q?=C3=84rger?= <a@example.org>".into()),
+            subject: Some("=?utf-8?b?w7xiZXI=?=".into()),
+            snippet: Some("secret body".into()),
+            unseen: Some(3),
+            event_id: Some("ev1".into()),
+            coalesced: 0,
+            badge_only: false,
+        }
+    }
+}
+
 impl Notification {
     /// The `event` word apps get in FCM data and Web Push messages: `messageNew`, or
     /// `badge` for a badge-only update.

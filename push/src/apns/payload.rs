@@ -129,17 +129,8 @@ mod tests {
 
     fn note() -> Notification {
         Notification {
-            user: "alice".into(),
-            folder: "INBOX".into(),
-            uidvalidity: 7,
-            uid: 42,
-            from: Some("=?utf-8?q?=C3=84rger?= <a@example.org>".into()),
             subject: Some("Test =?utf-8?q?p=C3=A4iv=C3=A4=C3=A4?=".into()),
-            snippet: Some("secret body".into()),
-            unseen: Some(3),
-            event_id: Some("ev1".into()),
-            coalesced: 0,
-            badge_only: false,
+            ..Notification::for_tests()
         }
     }
 

@@ -162,19 +162,7 @@ mod tests {
     use serde_json::{json, Value};
 
     fn note() -> Notification {
-        Notification {
-            user: "alice".into(),
-            folder: "INBOX".into(),
-            uidvalidity: 7,
-            uid: 42,
-            from: Some("=?utf-8?q?=C3=84rger?= <a@example.org>".into()),
-            subject: Some("=?utf-8?b?w7xiZXI=?=".into()),
-            snippet: Some("secret body".into()),
-            unseen: Some(3),
-            event_id: Some("ev1".into()),
-            coalesced: 0,
-            badge_only: false,
-        }
+        Notification::for_tests()
     }
 
     fn parse(privacy: Privacy) -> Value {
