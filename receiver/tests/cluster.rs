@@ -15,10 +15,9 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -219,30 +218,7 @@ request_timeout_secs = 10
 }
 
 fn spawn_receiver(config: &Path, log: &Path) -> Node {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dovepush-receiver"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let first = match lines.next() {
-        Some(Ok(line)) => line,
-        _ => panic!(
-            "no address on stdout:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        ),
-    };
-    let addr = first
-        .rsplit("http://")
-        .next()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
-    std::thread::spawn(move || for _ in lines.by_ref() {});
+    let (child, addr) = common::child::spawn_receiver_logging(config, log, "info");
     Node { child, addr }
 }
 

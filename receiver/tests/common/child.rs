@@ -45,11 +45,17 @@ pub async fn seed_devices(path: &Path, n: usize) {
     }
 }
 
+/// The receiver serving `config`, logging warnings to `log`; returns once it answers.
 pub fn spawn_receiver(config: &Path, log: &Path) -> (Child, SocketAddr) {
+    spawn_receiver_logging(config, log, "warn")
+}
+
+/// [`spawn_receiver`] with `RUST_LOG=level`.
+pub fn spawn_receiver_logging(config: &Path, log: &Path, level: &str) -> (Child, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_dovepush-receiver"))
         .args(["serve", "--config"])
         .arg(config)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", level)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).unwrap())
@@ -57,10 +63,13 @@ pub fn spawn_receiver(config: &Path, log: &Path) -> (Child, SocketAddr) {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
-    let first = lines
-        .next()
-        .expect("a line on stdout")
-        .expect("readable stdout");
+    let first = match lines.next() {
+        Some(Ok(line)) => line,
+        _ => panic!(
+            "no address on stdout:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        ),
+    };
     let addr = first
         .rsplit("http://")
         .next()
@@ -68,7 +77,32 @@ pub fn spawn_receiver(config: &Path, log: &Path) -> (Child, SocketAddr) {
         .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
     // Keep draining stdout so the child never blocks on it.
     std::thread::spawn(move || for _ in lines.by_ref() {});
+    wait_until_serving(addr);
     (child, addr)
+}
+
+/// Blocks until the receiver answers `GET /healthz`: the line on stdout comes when the
+/// port is bound, before the store is open, and a test that fills the disk or kills the
+/// receiver right away must not race the start-up.
+fn wait_until_serving(addr: SocketAddr) {
+    use std::io::{Read, Write};
+    for _ in 0..600 {
+        if let Ok(mut stream) = std::net::TcpStream::connect(addr) {
+            let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let asked = stream.write_all(
+                b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+            );
+            let mut reply = Vec::new();
+            if asked.is_ok()
+                && stream.read_to_end(&mut reply).is_ok()
+                && reply.starts_with(b"HTTP/1.1 200")
+            {
+                return;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("the receiver at {addr} never answered /healthz");
 }
 
 /// Sends notification `ev-n` for user `un` for each `n` of `ids` over `connections`
