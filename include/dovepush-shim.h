@@ -47,8 +47,9 @@ struct dovepush_commit {
 };
 
 /* Facts of a committed transaction outside deliveries (in imap: one IMAP
-   command's) that changed \Seen flags or expunged mails, valid only during
-   the callback. Moving mails out of a mailbox is an expunge there. */
+   command's) that changed \Seen flags, expunged mails or added unseen ones,
+   valid only during the callback. Moving mails out of a mailbox is an
+   expunge there; moving them in is an add. */
 struct dovepush_change {
 	uint32_t uid_validity;
 	/* Mails that got \Seen, and mails that lost it. */
@@ -57,7 +58,11 @@ struct dovepush_change {
 	/* Mails expunged, and of those the ones without \Seen. */
 	unsigned int expunged;
 	unsigned int expunged_unseen;
-	/* The highest UID among the mails above. */
+	/* Mails without \Seen added by APPEND, COPY or MOVE (saved mails with
+	   \Seen are not counted: they leave the unseen count alone). */
+	unsigned int added_unseen;
+	/* The highest UID among the mails above (of the added ones: the last
+	   unseen mail's, when the commit assigned UIDs). */
 	uint32_t last_uid;
 	/* When true, `unseen` is the mailbox's unseen count after the
 	   transaction, its expunges taken off (the index keeps expunged mails
@@ -79,8 +84,8 @@ struct dovepush_callbacks {
 				const struct dovepush_commit *commit);
 	/* The transaction was rolled back (or its commit failed); state is consumed. */
 	void (*delivery_rollback)(void *state);
-	/* The first \Seen change or expunge of a transaction that is not a
-	   delivery. Returns an opaque state for the transaction, or NULL when it
+	/* The first \Seen change, expunge or unseen save of a transaction that
+	   is not a delivery. Returns an opaque state for the transaction, or NULL when it
 	   is not of interest (then the rest of it costs nothing). */
 	void *(*change_begin)(struct mail_user *user, struct mailbox *box);
 	/* That transaction was committed; state is consumed. */

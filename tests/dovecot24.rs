@@ -318,17 +318,18 @@ fn named_endpoints_as_migrated_from_the_stock_ox_block() {
 }
 
 /// Badges on 2.4: the plugin in imap as well; an IMAP client reads two of three new
-/// mails in one `STORE` and expunges the third. The block that takes the badge events
-/// (`events = …`) gets one `messageRead` and one `messageExpunge`, the last with
-/// Dovecot's `STATUS INBOX (UNSEEN)`; the ox block (default events) only the deliveries.
+/// mails in one `STORE`, expunges the third and appends an unseen one. The block that
+/// takes the badge events (`events = …`) gets one `messageRead`, one `messageExpunge`
+/// and one `messageAppend`, with Dovecot's `STATUS INBOX (UNSEEN)`; the ox block
+/// (default events) only the deliveries.
 #[test]
-fn imap_reads_and_expunges_reach_only_the_block_that_takes_them() {
+fn imap_reads_expunges_and_appends_reach_only_the_block_that_takes_them() {
     let Some(d13) = root() else { return };
     let ox = Sink::start();
     let ours = Sink::start();
     let blocks = format!(
         "dovepush ox {{\n  url = {}\n}}\n\
-         dovepush receiver {{\n  url = {}\n  events = messageNew messageRead messageExpunge\n}}\n",
+         dovepush receiver {{\n  url = {}\n  events = messageNew messageRead messageExpunge messageAppend\n}}\n",
         ox.url(None),
         ours.url(None)
     );
@@ -360,12 +361,14 @@ fn imap_reads_and_expunges_reach_only_the_block_that_takes_them() {
     imap.command("STORE 3 +FLAGS.SILENT (\\Deleted)").unwrap();
     imap.command("EXPUNGE").unwrap();
     let unseen = imap.unseen("INBOX").unwrap();
-    imap.logout().unwrap();
     assert_eq!(unseen, 0);
+    let appended = imap.append("INBOX", "", &messages::simple(4)).unwrap();
+    assert_eq!(imap.unseen("INBOX").unwrap(), 1);
+    imap.logout().unwrap();
 
-    let got = ours.wait_for(5, WAIT);
-    assert_eq!(got.len(), 5, "log:\n{}", dovecot.log());
-    // Two commands, two requests: the service may send them in either order.
+    let got = ours.wait_for(6, WAIT);
+    assert_eq!(got.len(), 6, "log:\n{}", dovecot.log());
+    // Three commands, three requests: the service may send them in either order.
     let mut badges: Vec<(String, u64)> = got[3..]
         .iter()
         .map(|r| {
@@ -380,10 +383,17 @@ fn imap_reads_and_expunges_reach_only_the_block_that_takes_them() {
     assert_eq!(
         badges,
         [
+            ("messageAppend".to_string(), 1),
             ("messageExpunge".to_string(), u64::from(unseen)),
             ("messageRead".to_string(), 1),
         ]
     );
+    let append = got[3..]
+        .iter()
+        .map(Request::json)
+        .find(|b| b["event"] == "messageAppend")
+        .unwrap();
+    assert_eq!(append["imap-uid"], appended);
     let body = got[3..]
         .iter()
         .map(Request::json)

@@ -1,9 +1,10 @@
 //! Badge events: what an IMAP command did to a watched mailbox's unseen count, as one
-//! `messageRead` or `messageExpunge` notification.
+//! `messageRead`, `messageExpunge` or `messageAppend` notification.
 //!
 //! The shim counts, per transaction (one IMAP command: `STORE 1:500 +FLAGS \Seen` is
-//! one), the mails whose `\Seen` changed and the mails expunged, and reads the unseen
-//! count after the commit. [`badge_event`] decides from those counts whether the
+//! one), the mails whose `\Seen` changed, the mails expunged and the unseen mails added
+//! (`APPEND`, `COPY` or `MOVE` into the mailbox), and reads the unseen count after the
+//! commit. [`badge_event`] decides from those counts whether the
 //! command changed the unseen count, and so whether it is worth a (silent) push.
 
 use dovepush_ffi::Change;
@@ -22,12 +23,15 @@ pub enum Skip {
 ///
 /// - Any expunged mail without `\Seen` makes it a `messageExpunge` (also when the same
 ///   command changed flags: one command, one event).
+/// - Otherwise any unseen mail added makes it a `messageAppend`.
 /// - Otherwise any `\Seen` set or cleared makes it a `messageRead`.
 /// - Expunging only seen mails leaves the count as it was: no event (background pushes
 ///   are rationed by Apple; there is nothing to update).
 pub fn badge_event(change: &Change) -> Result<(EventKind, u32), Skip> {
     let kind = if change.expunged_unseen > 0 {
         EventKind::MessageExpunge
+    } else if change.added_unseen > 0 {
+        EventKind::MessageAppend
     } else if change.seen_set > 0 || change.seen_cleared > 0 {
         EventKind::MessageRead
     } else {
@@ -73,6 +77,21 @@ mod tests {
             ..change()
         };
         assert_eq!(badge_event(&c), Ok((EventKind::MessageExpunge, 2)));
+    }
+
+    #[test]
+    fn unseen_mail_added_is_an_append_event_unless_unseen_mail_went_too() {
+        let added = Change {
+            added_unseen: 2,
+            seen_cleared: 1,
+            ..change()
+        };
+        assert_eq!(badge_event(&added), Ok((EventKind::MessageAppend, 2)));
+        let both = Change {
+            expunged_unseen: 1,
+            ..added
+        };
+        assert_eq!(badge_event(&both), Ok((EventKind::MessageExpunge, 2)));
     }
 
     #[test]

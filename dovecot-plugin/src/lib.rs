@@ -10,9 +10,10 @@
 //! live in a file only root reads).
 //!
 //! Loaded in `imap` as well, it reports what an IMAP command did to a watched mailbox's
-//! unseen count (`\Seen` set or cleared, unseen mails expunged or moved out) as one
-//! `messageRead` or `messageExpunge` record per command ([`badge`]). The service sends
-//! those only to endpoints whose `dovepush_events` names them.
+//! unseen count (`\Seen` set or cleared, unseen mails expunged or moved out, unseen
+//! mails appended, copied or moved in) as one `messageRead`, `messageExpunge` or
+//! `messageAppend` record per command ([`badge`]). The service sends those only to
+//! endpoints whose `dovepush_events` names them.
 //!
 //! Modules: [`subscription`] (the METADATA cache), [`event`] (event ids), [`client`]
 //! (the service's socket and the drop spool), [`badge`] (which changes are events). The settings are `dovepush-settings`', the

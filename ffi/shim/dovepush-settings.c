@@ -25,7 +25,7 @@ static bool dovepush_settings_check(void *set, pool_t pool, const char **error_r
 
 /* The event kinds dovepush_events may name (dovepush-protocol's EventKind). */
 static const char *const dovepush_event_names[] = {
-	"messageNew", "messageRead", "messageExpunge", NULL
+	"messageNew", "messageRead", "messageExpunge", "messageAppend", NULL
 };
 
 #undef DEF
@@ -110,15 +110,16 @@ static bool dovepush_events_check(const char *value, const char **error_r)
 		}
 		if (*known == NULL) {
 			*error_r = t_strdup_printf("dovepush_events: unknown event "
-				"\"%s\" (expected messageNew, messageRead or "
-				"messageExpunge)", *names);
+				"\"%s\" (expected messageNew, messageRead, "
+				"messageExpunge or messageAppend)", *names);
 			return FALSE;
 		}
 		count++;
 	}
 	if (count == 0) {
 		*error_r = "dovepush_events: no event named (expected "
-			"messageNew, messageRead or messageExpunge)";
+			"messageNew, messageRead, messageExpunge or "
+			"messageAppend)";
 		return FALSE;
 	}
 	return TRUE;

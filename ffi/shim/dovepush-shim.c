@@ -50,8 +50,8 @@ struct dovepush_file {
 };
 
 /* Per-transaction state, one per notify transaction: a delivery, or (when
-   `change` is set) any other transaction, which may change \Seen flags or
-   expunge mails. */
+   `change` is set) any other transaction, which may change \Seen flags,
+   expunge mails or add them (APPEND, COPY, MOVE). */
 struct dovepush_txn {
 	struct mailbox *box;
 	void *state;        /* Rust's, NULL when not of interest */
@@ -59,6 +59,10 @@ struct dovepush_txn {
 	/* Not a delivery: only the counts below are kept (no pool). */
 	bool change;
 	struct dovepush_change facts;
+	/* A change's saves so far, and the place of the last unseen one among
+	   them (the commit's saved_uids are in save order). */
+	unsigned int saves;
+	unsigned int last_unseen_save;
 	/* In lmtp, UIDs the storage did not assign at commit are assigned by
 	   dovepush (see dovepush_assign_uids()) or resolved after the reply
 	   (see dovepush_defer()). */
@@ -118,8 +122,9 @@ static void *dovepush_txn_begin(struct mailbox_transaction_context *t)
 	/* Only MTA deliveries (lda, lmtp, sieve keep/fileinto) open their
 	   mailbox with POST_SESSION: the same test as the push_notification
 	   plugin's MessageNew. Any other transaction (an IMAP command's) is
-	   followed only for \Seen changes and expunges, with a few counters:
-	   Rust is asked about it at its first such change, if any. */
+	   followed only for \Seen changes, expunges and unseen saves, with a
+	   few counters: Rust is asked about it at its first such change, if
+	   any. */
 	if ((t->box->flags & MAILBOX_FLAG_POST_SESSION) == 0) {
 		txn = i_new(struct dovepush_txn, 1);
 		txn->box = t->box;
@@ -160,6 +165,21 @@ static const char *dovepush_maildir_new_name(struct mail *mail, const char *base
 	return str_c(name);
 }
 
+static bool dovepush_change_followed(struct dovepush_txn *txn);
+
+/* A mail added outside a delivery (APPEND, or COPY/MOVE into the mailbox):
+   only an unseen one moves the unseen count. Its UID comes at commit. */
+static void dovepush_change_saved(struct dovepush_txn *txn, struct mail *mail)
+{
+	unsigned int place = txn->saves++;
+
+	if ((mail_get_flags(mail) & MAIL_SEEN) != 0 ||
+	    !dovepush_change_followed(txn))
+		return;
+	txn->facts.added_unseen++;
+	txn->last_unseen_save = place;
+}
+
 static void dovepush_mail_save(void *txn_ptr, struct mail *mail)
 {
 	struct dovepush_txn *txn = txn_ptr;
@@ -167,8 +187,12 @@ static void dovepush_mail_save(void *txn_ptr, struct mail *mail)
 	struct dovepush_file file;
 	const char *value;
 
-	if (txn == NULL || txn->change)
+	if (txn == NULL)
 		return;
+	if (txn->change) {
+		dovepush_change_saved(txn, mail);
+		return;
+	}
 	if (!txn->decided) {
 		txn->decided = TRUE;
 		T_BEGIN {
@@ -233,7 +257,7 @@ static void dovepush_mail_copy(void *txn_ptr, struct mail *src ATTR_UNUSED,
 }
 
 /* Is this change transaction of interest? Rust decides at its first \Seen
-   change or expunge. */
+   change, expunge or unseen save. */
 static bool dovepush_change_followed(struct dovepush_txn *txn)
 {
 	if (!txn->decided) {
@@ -285,14 +309,24 @@ static void dovepush_mail_expunge(void *txn_ptr, struct mail *mail)
 	dovepush_change_uid(txn, mail);
 }
 
-/* A committed change: its mailbox's unseen count and UIDVALIDITY, then
-   Rust. */
-static void dovepush_change_commit(struct dovepush_txn *txn)
+/* A committed change: its mailbox's unseen count and UIDVALIDITY, the UID
+   of the last unseen mail it saved, then Rust. */
+static void dovepush_change_commit(struct dovepush_txn *txn,
+				   const struct mail_transaction_commit_changes *changes)
 {
 	struct mailbox_status status;
+	struct seq_range_iter iter;
 	const char *error;
-	uint32_t unseen;
+	uint32_t unseen, uid;
 
+	/* saved_uids lists the UIDs in save order (as COPYUID does); the
+	   storage may have assigned none (then the count alone goes). */
+	if (txn->facts.added_unseen > 0) {
+		seq_range_array_iter_init(&iter, &changes->saved_uids);
+		if (seq_range_array_iter_nth(&iter, txn->last_unseen_save, &uid) &&
+		    uid > txn->facts.last_uid)
+			txn->facts.last_uid = uid;
+	}
 	T_BEGIN {
 		mailbox_get_open_status(txn->box, STATUS_UIDVALIDITY, &status);
 		txn->facts.uid_validity = status.uidvalidity;
@@ -502,7 +536,7 @@ dovepush_txn_commit(void *txn_ptr, struct mail_transaction_commit_changes *chang
 		return;
 	}
 	if (txn->change) {
-		dovepush_change_commit(txn);
+		dovepush_change_commit(txn, changes);
 		dovepush_txn_free(txn);
 		return;
 	}

@@ -255,7 +255,8 @@ impl Commit {
 
 /// What a committed transaction outside deliveries (in imap: one IMAP command's) did to
 /// the unseen count of its mailbox: `\Seen` set or cleared, mails expunged (moving mails
-/// out of a mailbox expunges them there).
+/// out of a mailbox expunges them there), unseen mails added (`APPEND`, or `COPY`/`MOVE`
+/// into it).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Change {
     pub uid_validity: u32,
@@ -267,6 +268,8 @@ pub struct Change {
     pub expunged: u32,
     /// Of those, the ones without `\Seen`.
     pub expunged_unseen: u32,
+    /// Mails without `\Seen` added.
+    pub added_unseen: u32,
     /// The highest UID among the mails above.
     pub last_uid: u32,
     /// The mailbox's unseen count after the transaction (its expunges taken off), when
@@ -286,6 +289,7 @@ impl Change {
             seen_cleared: raw.seen_cleared,
             expunged: raw.expunged,
             expunged_unseen: raw.expunged_unseen,
+            added_unseen: raw.added_unseen,
             last_uid: raw.last_uid,
             unseen: raw.unseen_known.then_some(raw.unseen),
         }

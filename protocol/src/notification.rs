@@ -2,12 +2,15 @@
 //!
 //! Keys, order and types follow Dovecot's ox driver (2.3 and 2.4 alike): `user`,
 //! `event`, `folder`, `imap-uidvalidity`, `imap-uid`, then `from`, `subject`, `snippet`
-//! and `unseen` when known. Besides the ox driver's `messageNew`, dovepush has two event
-//! kinds of its own that report a changed unseen count ([`EventKind::MessageRead`],
-//! [`EventKind::MessageExpunge`]); an endpoint gets them only when it asks for them
-//! ([`EventSet`], the `dovepush_events` setting), so the stock ox receiver never does. Serialising a [`Notification`] gives the ox driver's body
-//! byte for byte (compact JSON, keys in that order); [`Notification::from_json`] accepts
-//! the stock driver's bodies and the OX middleware's `unread` in place of `unseen`, and
+//! and `unseen` when known. Besides the ox driver's `messageNew`, dovepush has three
+//! event kinds of its own that report a changed unseen count
+//! ([`EventKind::MessageRead`], [`EventKind::MessageExpunge`],
+//! [`EventKind::MessageAppend`]); an endpoint gets them only when it asks for them
+//! ([`EventSet`], the `dovepush_events` setting), so the stock ox receiver never does.
+//!
+//! Serialising a [`Notification`] gives the ox driver's body byte for byte (compact
+//! JSON, keys in that order); [`Notification::from_json`] accepts the stock driver's
+//! bodies and the OX middleware's `unread` in place of `unseen`, and
 //! names the field at fault when it refuses one.
 
 use std::fmt;
@@ -41,23 +44,31 @@ pub enum EventKind {
     /// expunged. dovepush only.
     #[serde(rename = "messageExpunge", alias = "MessageExpunge")]
     MessageExpunge,
+    /// Unseen mails were added to the folder other than by a delivery: `APPEND`, `COPY`
+    /// or `MOVE` into it (one IMAP command's in one event; Dovecot's own name for such
+    /// saves): `unseen` is the count after the change, `imap-uid` the UID of the last
+    /// unseen mail added. dovepush only.
+    #[serde(rename = "messageAppend", alias = "MessageAppend")]
+    MessageAppend,
 }
 
 impl EventKind {
     /// Every kind, in the order [`EventSet`] lists them.
-    pub const ALL: [EventKind; 3] = [
+    pub const ALL: [EventKind; 4] = [
         EventKind::MessageNew,
         EventKind::MessageRead,
         EventKind::MessageExpunge,
+        EventKind::MessageAppend,
     ];
 
     /// The body's (and the settings') spelling: `messageNew`, `messageRead`,
-    /// `messageExpunge`.
+    /// `messageExpunge`, `messageAppend`.
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::MessageNew => "messageNew",
             EventKind::MessageRead => "messageRead",
             EventKind::MessageExpunge => "messageExpunge",
+            EventKind::MessageAppend => "messageAppend",
         }
     }
 
@@ -68,6 +79,7 @@ impl EventKind {
             "messageNew" | "MessageNew" => Some(EventKind::MessageNew),
             "messageRead" | "MessageRead" => Some(EventKind::MessageRead),
             "messageExpunge" | "MessageExpunge" => Some(EventKind::MessageExpunge),
+            "messageAppend" | "MessageAppend" => Some(EventKind::MessageAppend),
             _ => None,
         }
     }
@@ -134,14 +146,17 @@ impl EventSet {
         {
             let kind = EventKind::parse(name).ok_or_else(|| {
                 format!(
-                    "unknown event {name:?} (expected messageNew, messageRead or messageExpunge)"
+                    "unknown event {name:?} (expected messageNew, messageRead, \
+                     messageExpunge or messageAppend)"
                 )
             })?;
             set = set.with(kind);
         }
         if set == EventSet::NONE {
             return Err(
-                "no event named (expected messageNew, messageRead or messageExpunge)".into(),
+                "no event named (expected messageNew, messageRead, messageExpunge \
+                 or messageAppend)"
+                    .into(),
             );
         }
         Ok(set)
@@ -517,11 +532,13 @@ mod tests {
             r#"{"user":"3@2","event":"messageRead","folder":"INBOX","imap-uidvalidity":1655200000,"imap-uid":7,"unseen":0,"event-time-ms":1764000000123}"#
         );
         assert_eq!(Notification::from_json(json.as_bytes()).unwrap(), n);
-        let expunge = json.replace("messageRead", "messageExpunge");
-        assert_eq!(
-            Notification::from_json(expunge.as_bytes()).unwrap().event,
-            EventKind::MessageExpunge
-        );
+        for kind in [EventKind::MessageExpunge, EventKind::MessageAppend] {
+            let other = json.replace("messageRead", kind.as_str());
+            assert_eq!(
+                Notification::from_json(other.as_bytes()).unwrap().event,
+                kind
+            );
+        }
         let without = r#"{"user":"a","event":"messageRead","folder":"INBOX","imap-uidvalidity":1,"imap-uid":1}"#;
         assert_eq!(
             Notification::from_json(without.as_bytes())
@@ -536,10 +553,13 @@ mod tests {
         let default = EventSet::default();
         assert!(default.contains(EventKind::MessageNew));
         assert!(!default.has_badge_updates());
-        let all = EventSet::parse("messageNew messageRead,MessageExpunge").unwrap();
+        let all = EventSet::parse("messageNew messageRead,MessageExpunge messageAppend").unwrap();
         assert!(EventKind::ALL.into_iter().all(|k| all.contains(k)));
         assert!(all.has_badge_updates());
-        assert_eq!(all.to_string(), "messageNew messageRead messageExpunge");
+        assert_eq!(
+            all.to_string(),
+            "messageNew messageRead messageExpunge messageAppend"
+        );
         let read = EventSet::parse(" messageRead ").unwrap();
         assert!(!read.contains(EventKind::MessageNew));
         assert!(EventSet::parse("messageNew flagsSet")

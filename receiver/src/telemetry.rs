@@ -76,7 +76,8 @@ struct TransportLabels {
     transport: Kind,
 }
 
-/// An event kind as a label value (`messageNew`, `messageRead`, `messageExpunge`).
+/// An event kind as a label value (`messageNew`, `messageRead`, `messageExpunge`,
+/// `messageAppend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Event(EventKind);
 
@@ -326,7 +327,7 @@ impl Metrics {
         );
         registry.register(
             "dovepush_ingested_events",
-            "Notifications accepted and committed, by event kind (messageRead and messageExpunge: badge updates)",
+            "Notifications accepted and committed, by event kind (messageRead, messageExpunge and messageAppend: badge updates)",
             m.ingested_by_event.clone(),
         );
         registry.register(

@@ -17,8 +17,8 @@
 //!
 //! `dovepush_events` (an ox line's `events=`, a block's `events`) says which event
 //! kinds an endpoint takes; the default, `messageNew`, is all the stock ox receiver
-//! understands, so the badge events (`messageRead`, `messageExpunge`) go only to
-//! endpoints that ask for them.
+//! understands, so the badge events (`messageRead`, `messageExpunge`, `messageAppend`)
+//! go only to endpoints that ask for them.
 //!
 //! On Dovecot 2.4 the same names are typed settings (declared in
 //! `ffi/shim/dovepush-settings.c`; Dovecot checks their syntax), and several endpoints
@@ -573,8 +573,8 @@ pub fn parse_msecs(value: &str) -> Result<Duration, String> {
     Ok(timeout)
 }
 
-/// Event kind names (`messageNew messageRead messageExpunge`), separated by spaces or
-/// commas.
+/// Event kind names (`messageNew messageRead messageExpunge messageAppend`), separated by
+/// spaces or commas.
 pub fn parse_events(value: &str) -> Result<EventSet, String> {
     EventSet::parse(value)
 }
@@ -847,15 +847,19 @@ mod tests {
 
     #[test]
     fn events_default_to_message_new_and_are_opt_in_per_endpoint() {
-        let badges = EventSet::parse("messageNew messageRead messageExpunge").unwrap();
+        let badges =
+            EventSet::parse("messageNew messageRead messageExpunge messageAppend").unwrap();
         let (c, problems) = config(&[
             ("dovepush", "ox:url=http://ox/"),
             (
                 "dovepush2",
-                "ox:url=http://mine/ events=messageNew,messageRead,messageExpunge",
+                "ox:url=http://mine/ events=messageNew,messageRead,messageExpunge,messageAppend",
             ),
             ("dovepush_url", "http://a/"),
-            ("dovepush_events", "messageNew messageRead messageExpunge"),
+            (
+                "dovepush_events",
+                "messageNew messageRead messageExpunge messageAppend",
+            ),
         ]);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(
@@ -875,7 +879,10 @@ mod tests {
                 ("ox".into(), map(&[])),
                 (
                     "mine".into(),
-                    map(&[("dovepush_events", "messageNew messageExpunge messageRead")]),
+                    map(&[(
+                        "dovepush_events",
+                        "messageAppend messageNew messageExpunge messageRead",
+                    )]),
                 ),
             ],
         };

@@ -1,6 +1,6 @@
 //! A minimal blocking IMAP client for tests: log in, send tagged commands, read their
-//! untagged answers. Enough to mark mails `\Seen`, expunge them and ask `STATUS`, as a
-//! mail app would; no literals, no IDLE.
+//! untagged answers. Enough to mark mails `\Seen`, expunge them, append mails and ask
+//! `STATUS`, as a mail app would; literals only in `APPEND` (LITERAL+), no IDLE.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -40,6 +40,33 @@ impl ImapClient {
         let tag = format!("t{}", self.tag);
         self.writer
             .write_all(format!("{tag} {command}\r\n").as_bytes())?;
+        self.answer(&tag, command).map(|(untagged, _)| untagged)
+    }
+
+    /// `APPEND <mailbox> (<flags>) <message>` as a non-synchronising literal (Dovecot
+    /// announces LITERAL+); returns the UID the tagged `OK [APPENDUID …]` gives.
+    pub fn append(&mut self, mailbox: &str, flags: &str, message: &[u8]) -> io::Result<u32> {
+        self.tag += 1;
+        let tag = format!("t{}", self.tag);
+        let mut request = format!(
+            "{tag} APPEND {} ({flags}) {{{}+}}\r\n",
+            quoted(mailbox),
+            message.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(message);
+        request.extend_from_slice(b"\r\n");
+        self.writer.write_all(&request)?;
+        let (_, done) = self.answer(&tag, "APPEND")?;
+        done.split("[APPENDUID ")
+            .nth(1)
+            .and_then(|rest| rest.split([' ', ']']).nth(1)?.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("no APPENDUID in {done:?}")))
+    }
+
+    /// The untagged lines up to `tag`'s answer, and that answer; other than `OK` is an
+    /// error.
+    fn answer(&mut self, tag: &str, command: &str) -> io::Result<(Vec<String>, String)> {
         let mut untagged = Vec::new();
         loop {
             let mut line = String::new();
@@ -49,7 +76,7 @@ impl ImapClient {
             let line = line.trim_end().to_string();
             if let Some(status) = line.strip_prefix(&format!("{tag} ")) {
                 if status.starts_with("OK") {
-                    return Ok(untagged);
+                    return Ok((untagged, status.to_string()));
                 }
                 return Err(io::Error::other(format!("{command}: {line}")));
             }

@@ -2,7 +2,7 @@
 //! outbox item carries (with the coalescing rule).
 //!
 //! Besides new mail (`messageNew`), the dovepush plugin in imap reports what changed a
-//! folder's unseen count (`messageRead`, `messageExpunge`, with the new count). Those
+//! folder's unseen count (`messageRead`, `messageExpunge`, `messageAppend`, with the new count). Those
 //! become silent badge updates ([`PushContent::badge_only`]): a burst of them, or one
 //! arriving while a new-mail alert is still pending, is folded into one push with the
 //! latest count.
@@ -14,7 +14,7 @@ use super::FieldError;
 
 pub use dovepush_protocol::notification::{validate_event_id, EventKind, MAX_EVENT_ID_LEN};
 
-/// A validated notification: new mail, or (`kind` `messageRead`/`messageExpunge`) a
+/// A validated notification: new mail, or (`kind` `messageRead`/`messageExpunge`/`messageAppend`) a
 /// changed unseen count.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewMailEvent {

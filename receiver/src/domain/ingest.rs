@@ -21,7 +21,7 @@ use super::outbox::HandOver;
 use super::store::{IngestOutcome, Ingested, Store, StoreError};
 use crate::telemetry::Metrics;
 
-/// How long a badge update (`messageRead`, `messageExpunge`) waits for more events at
+/// How long a badge update (`messageRead`, `messageExpunge`, `messageAppend`) waits for more events at
 /// least: a client marking mails read one by one, or reading then expunging, gives one
 /// push with the latest count, and the phone's badge still follows within seconds.
 pub const BADGE_COALESCE: Duration = Duration::from_secs(1);

@@ -34,7 +34,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     },
 ];
 
-/// Badge events (`messageRead`, `messageExpunge`) keep when Dovecot committed them, so
+/// Badge events (`messageRead`, `messageExpunge`, `messageAppend`) keep when Dovecot committed them, so
 /// that a later-arriving older one is known as stale.
 const V3: &str = "
 ALTER TABLE events ADD COLUMN time_ms BIGINT;
