@@ -2,7 +2,8 @@
 //! whose `[[apps]]` point at the mock APNs and mock FCM (only `endpoint` and `ca_file`
 //! differ from production): decoded subjects and badges reach the providers, dead tokens
 //! remove devices with the provider's reason, an APNs 410 older than a re-registration
-//! keeps the device, two apps use their own keys, and the three privacy modes.
+//! keeps the device, two apps use their own keys, the three privacy modes, and badge
+//! updates as silent pushes on both providers.
 
 mod common;
 
@@ -13,6 +14,7 @@ on_both_stores!(
     a_410_older_than_the_re_registration_keeps_the_device,
     two_apps_in_one_instance_use_their_own_keys,
     privacy_modes_reach_the_providers_as_specified,
+    badge_updates_reach_both_providers_as_silent_pushes_with_the_count,
 );
 
 use std::sync::Arc;
@@ -152,6 +154,33 @@ async fn notify_encoded(r: &Running, user: &str, uid: u32, unseen: u32) {
         &[
             ("authorization", auth.as_str()),
             ("x-dovepush-event-id", &format!("{user}-{uid}")),
+        ],
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+/// A badge event (`messageRead`, `messageExpunge`, `messageAppend`) as the plugin in imap
+/// sends it.
+async fn notify_badge(r: &Running, id: &str, event: &str, unseen: u32, at_ms: u64) {
+    let body = json!({
+        "user": "alice",
+        "event": event,
+        "folder": "INBOX",
+        "imap-uidvalidity": 1655200000u32,
+        "imap-uid": 9,
+        "unseen": unseen,
+        "event-time-ms": at_ms,
+    });
+    let auth = notify_auth();
+    let reply = request(
+        r.addr,
+        "PUT",
+        NOTIFY_PATH,
+        &[
+            ("authorization", auth.as_str()),
+            ("x-dovepush-event-id", id),
         ],
         body.to_string(),
     )
@@ -463,6 +492,58 @@ async fn privacy_modes_reach_the_providers_as_specified(backend: Backend) {
             "{text}"
         );
         assert_eq!(m["data"]["unseen"], "5");
+    }
+    r.stop().await;
+}
+
+/// Badge events through the real APNs and FCM transports: each device gets one silent
+/// push with the latest count, whatever its privacy mode, with nothing to display.
+async fn badge_updates_reach_both_providers_as_silent_pushes_with_the_count(backend: Backend) {
+    let p = Providers::start(backend).await;
+    let r = p
+        .receiver(&format!(
+            "privacy = \"full\"\n{}{}",
+            p.apns_table("com.example.mail", &p.key_a, "AuthKey_A.p8"),
+            p.fcm_table()
+        ))
+        .await;
+    register_device(&r, "alice", "alice-pw", "mail", "apns", "a1b2c3d4", None).await;
+    register_device(&r, "alice", "alice-pw", "mail", "fcm", "fcm-alice-1", None).await;
+    // A burst, as one IMAP session gives it: within the badge wait, one push per device.
+    let at = now_ms();
+    notify_badge(&r, "b1", "messageRead", 4, at).await;
+    notify_badge(&r, "b2", "messageExpunge", 3, at + 1).await;
+    notify_badge(&r, "b3", "messageAppend", 5, at + 2).await;
+    eventually("one APNs and one FCM badge push", || {
+        p.apns.request_count() >= 1 && p.fcm.request_count() >= 1
+    })
+    .await;
+    let m = outbox_settled(r.addr).await;
+
+    let apns = p.apns.requests();
+    assert_eq!(apns.len(), 1, "one APNs push for the burst");
+    assert_eq!(apns[0].header("apns-push-type"), Some("background"));
+    assert_eq!(apns[0].header("apns-priority"), Some("5"));
+    let body = apns[0].json();
+    assert_eq!(body["aps"]["badge"], 5, "{body:#}");
+    assert_eq!(body["aps"]["content-available"], 1, "{body:#}");
+    assert!(body["aps"].get("alert").is_none(), "{body:#}");
+
+    let fcm = p.fcm.requests();
+    assert_eq!(fcm.len(), 1, "one FCM push for the burst");
+    let message = fcm[0].message();
+    assert_eq!(message["token"], "fcm-alice-1");
+    assert!(message.get("notification").is_none(), "{message:#}");
+    assert_eq!(message["data"]["event"], "badge", "{message:#}");
+    assert_eq!(message["data"]["unseen"], "5", "{message:#}");
+    assert_eq!(message["android"]["collapse_key"], "badge", "{message:#}");
+
+    for line in [
+        "dovepush_push_badge_sent_total{transport=\"apns\"} 1\n",
+        "dovepush_push_badge_sent_total{transport=\"fcm\"} 1\n",
+        "dovepush_ingested_events_total{event=\"messageAppend\"} 1\n",
+    ] {
+        assert!(m.contains(line), "{line}{m}");
     }
     r.stop().await;
 }

@@ -324,6 +324,38 @@ async fn a_browser_registered_with_the_mail_password_gets_the_mail_encrypted() {
     .await;
     assert_eq!(listed[0]["devices"][0]["transport"], "webpush");
 
+    // The mail is read in another client: the plugin in imap would send a badge event.
+    // The browser gets the count alone, encrypted as well.
+    let badge = json!({
+        "user": "alice", "event": "messageRead", "folder": "INBOX",
+        "imap-uidvalidity": 1, "imap-uid": 1, "unseen": 0,
+    });
+    let reply = request(
+        addr,
+        "PUT",
+        NOTIFY_PATH,
+        &[
+            ("authorization", notify_auth().as_str()),
+            ("x-dovepush-event-id", "read-1"),
+        ],
+        badge.to_string(),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    eventually("a Web Push badge update", || {
+        push_service.requests().len() >= 2
+    })
+    .await;
+    let m = outbox_settled(addr).await;
+    assert_eq!(
+        push_service.requests()[1].json(),
+        json!({"event": "badge", "unseen": 0})
+    );
+    assert!(
+        m.contains("dovepush_push_badge_sent_total{transport=\"webpush\"} 1\n"),
+        "{m}"
+    );
+
     // The browser unsubscribes: the next push gets 410 and the device is removed, with
     // the push service's reason as the user's last error.
     push_service.unsubscribe(&subscription.endpoint);
@@ -350,7 +382,7 @@ async fn a_browser_registered_with_the_mail_password_gets_the_mail_encrypted() {
     );
     assert_eq!(
         push_service.requests().len(),
-        1,
+        2,
         "the 410 delivered nothing"
     );
 
