@@ -161,7 +161,7 @@ pub async fn run_with_directory(
         ingest: Ingest::new(
             store.clone(),
             metrics.clone(),
-            config.outbox.coalesce,
+            (config.outbox.coalesce, config.outbox.badge_wait),
             wake.clone(),
             hand_over.clone(),
         ),

@@ -122,6 +122,7 @@ pub struct OutboxSection {
     pub retry_max_seconds: Option<u64>,
     pub deadline_seconds: Option<u64>,
     pub coalesce_milliseconds: Option<u64>,
+    pub badge_wait_milliseconds: Option<u64>,
     pub concurrency: Option<u64>,
 }
 

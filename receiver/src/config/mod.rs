@@ -51,6 +51,12 @@ pub const DEFAULT_DEADLINE_SECONDS: u64 = 5 * 3600;
 /// 0: a push leaves at once; events arriving while it is still pending (queued, in
 /// backoff, or waiting for a free slot) still fold into it.
 pub const DEFAULT_COALESCE_MILLISECONDS: u64 = 0;
+/// Default `[outbox] badge_wait_milliseconds`: how long a badge update waits at least for
+/// more events, so that a burst of reads is one push with the latest count.
+pub const DEFAULT_BADGE_WAIT_MILLISECONDS: u64 = 1000;
+/// Largest `[outbox] badge_wait_milliseconds` (a minute: a badge later than that is
+/// wrong for too long).
+pub const MAX_BADGE_WAIT_MILLISECONDS: u64 = 60_000;
 /// Default `[outbox] concurrency`: pushes in flight at once.
 pub const DEFAULT_CONCURRENCY: u64 = 64;
 /// `[server] header_read_timeout_seconds`: a client has this long to send a request's
@@ -397,6 +403,8 @@ pub struct OutboxConfig {
     pub retry_max: Duration,
     pub deadline: Duration,
     pub coalesce: Duration,
+    /// How long a badge update waits at least for more events.
+    pub badge_wait: Duration,
     pub concurrency: usize,
 }
 
@@ -407,6 +415,7 @@ impl Default for OutboxConfig {
             retry_max: Duration::from_secs(DEFAULT_RETRY_MAX_SECONDS),
             deadline: Duration::from_secs(DEFAULT_DEADLINE_SECONDS),
             coalesce: Duration::from_millis(DEFAULT_COALESCE_MILLISECONDS),
+            badge_wait: Duration::from_millis(DEFAULT_BADGE_WAIT_MILLISECONDS),
             concurrency: DEFAULT_CONCURRENCY as usize,
         }
     }
@@ -888,11 +897,32 @@ master_password_file = "missing"
         assert!(c.push_apps().is_empty());
         assert_eq!(c.outbox.retry_initial, Duration::from_secs(2));
         assert_eq!(c.outbox.coalesce, Duration::ZERO);
+        assert_eq!(c.outbox.badge_wait, Duration::from_secs(1));
         let err = parse(&format!(
             "{MINIMAL}\n[[apps]]\nid = \"a\"\n[[apps]]\nid = \"a\"\n"
         ))
         .unwrap_err();
         assert_eq!(keys(&err), vec!["apps[1].id"]);
+    }
+
+    #[test]
+    fn badge_wait_is_set_in_milliseconds_up_to_a_minute() {
+        let c = parse(&format!(
+            "{MINIMAL}\n[outbox]\nbadge_wait_milliseconds = 250\n"
+        ))
+        .unwrap();
+        assert_eq!(c.outbox.badge_wait, Duration::from_millis(250));
+        let c = parse(&format!(
+            "{MINIMAL}\n[outbox]\nbadge_wait_milliseconds = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(c.outbox.badge_wait, Duration::ZERO);
+        let err = parse(&format!(
+            "{MINIMAL}\n[outbox]\nbadge_wait_milliseconds = 60001\n"
+        ))
+        .unwrap_err();
+        assert_eq!(keys(&err), vec!["outbox.badge_wait_milliseconds"]);
+        assert!(err.to_string().contains("at most 60000"), "{err}");
     }
 
     /// A P-256 key in PKCS#8 PEM, like Apple's `.p8`.

@@ -611,6 +611,15 @@ pub(super) fn check(
         c.problems
             .bad("outbox.concurrency", "must be between 1 and 10000");
     }
+    let badge_wait = outbox
+        .badge_wait_milliseconds
+        .unwrap_or(DEFAULT_BADGE_WAIT_MILLISECONDS);
+    if badge_wait > MAX_BADGE_WAIT_MILLISECONDS {
+        c.problems.bad(
+            "outbox.badge_wait_milliseconds",
+            format!("must be at most {MAX_BADGE_WAIT_MILLISECONDS}"),
+        );
+    }
     let outbox = OutboxConfig {
         retry_initial: Duration::from_secs(retry_initial),
         retry_max: Duration::from_secs(retry_max),
@@ -620,6 +629,7 @@ pub(super) fn check(
                 .coalesce_milliseconds
                 .unwrap_or(DEFAULT_COALESCE_MILLISECONDS),
         ),
+        badge_wait: Duration::from_millis(badge_wait),
         concurrency: concurrency as usize,
     };
 

@@ -1,7 +1,7 @@
 //! Accepting a new-mail event: one durable commit of the event and its outbox items, the
 //! items the store wrote in flight handed to the dispatcher, then counting it and waking
 //! the dispatcher to claim the others. A badge update waits at least
-//! [`BADGE_COALESCE`] for more, so that a burst of reads is one push.
+//! `[outbox] badge_wait_milliseconds` for more, so that a burst of reads is one push.
 //!
 //! The hand-over happens whatever becomes of the request: a caller that stops waiting (a
 //! client that gave up) leaves the store's answer to a task that still hands the items
@@ -21,16 +21,14 @@ use super::outbox::HandOver;
 use super::store::{IngestOutcome, Ingested, Store, StoreError};
 use crate::telemetry::Metrics;
 
-/// How long a badge update (`messageRead`, `messageExpunge`, `messageAppend`) waits for more events at
-/// least: a client marking mails read one by one, or reading then expunging, gives one
-/// push with the latest count, and the phone's badge still follows within seconds.
-pub const BADGE_COALESCE: Duration = Duration::from_secs(1);
-
-/// How long a new item for an event of `kind` waits for more, given `[outbox]
-/// coalesce_milliseconds`.
-pub fn coalesce_window(coalesce: Duration, kind: EventKind) -> Duration {
+/// How long a new item for an event of `kind` waits for more events: `coalesce` (`[outbox]
+/// coalesce_milliseconds`), and for a badge update (`messageRead`, `messageExpunge`,
+/// `messageAppend`) at least `badge_wait` (`[outbox] badge_wait_milliseconds`): a client
+/// marking mails read one by one, or reading then expunging, gives one push with the
+/// latest count, and the phone's badge still follows within seconds.
+pub fn coalesce_window(coalesce: Duration, badge_wait: Duration, kind: EventKind) -> Duration {
     if kind.is_badge_update() {
-        coalesce.max(BADGE_COALESCE)
+        coalesce.max(badge_wait)
     } else {
         coalesce
     }
@@ -41,17 +39,19 @@ pub struct Ingest {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     coalesce: Duration,
+    badge_wait: Duration,
     wake: Arc<Notify>,
     hand_over: HandOver,
 }
 
 impl Ingest {
-    /// `coalesce` is how long a new outbox item waits for more events; `wake` and
-    /// `hand_over` are the dispatcher's (see [`super::outbox::Dispatcher`]).
+    /// `coalesce` is how long a new outbox item waits for more events, `badge_wait` how
+    /// long a badge update's waits at least ([`coalesce_window`]); `wake` and `hand_over`
+    /// are the dispatcher's (see [`super::outbox::Dispatcher`]).
     pub fn new(
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
-        coalesce: Duration,
+        (coalesce, badge_wait): (Duration, Duration),
         wake: Arc<Notify>,
         hand_over: HandOver,
     ) -> Self {
@@ -59,6 +59,7 @@ impl Ingest {
             store,
             metrics,
             coalesce,
+            badge_wait,
             wake,
             hand_over,
         }
@@ -75,7 +76,8 @@ impl Ingest {
             None => ("", None),
         };
         let kind = event.kind;
-        let due_at = event.received_at + coalesce_window(self.coalesce, kind).as_millis() as i64;
+        let due_at = event.received_at
+            + coalesce_window(self.coalesce, self.badge_wait, kind).as_millis() as i64;
         let ingesting = self.store.ingest(event, due_at, self.hand_over.room());
         let outcome = HandingOver::new(ingesting, &self.hand_over).await?;
         let m = &self.metrics;
@@ -162,19 +164,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn badge_updates_wait_a_second_for_more_new_mail_does_not() {
-        let zero = Duration::ZERO;
-        assert_eq!(coalesce_window(zero, EventKind::MessageNew), zero);
-        assert_eq!(
-            coalesce_window(zero, EventKind::MessageRead),
-            BADGE_COALESCE
-        );
-        assert_eq!(
-            coalesce_window(zero, EventKind::MessageExpunge),
-            BADGE_COALESCE
-        );
+    fn badge_updates_wait_their_own_time_for_more_new_mail_does_not() {
+        let (zero, second) = (Duration::ZERO, Duration::from_secs(1));
+        assert_eq!(coalesce_window(zero, second, EventKind::MessageNew), zero);
+        for kind in [
+            EventKind::MessageRead,
+            EventKind::MessageExpunge,
+            EventKind::MessageAppend,
+        ] {
+            assert_eq!(coalesce_window(zero, second, kind), second);
+            assert_eq!(coalesce_window(zero, zero, kind), zero);
+        }
         let long = Duration::from_secs(5);
-        assert_eq!(coalesce_window(long, EventKind::MessageRead), long);
+        assert_eq!(coalesce_window(long, second, EventKind::MessageRead), long);
     }
     use crate::domain::device::DeviceRegistration;
     use crate::domain::store::OutboxItem;
@@ -232,7 +234,7 @@ mod tests {
         let ingest = Ingest::new(
             store,
             metrics.clone(),
-            Duration::ZERO,
+            (Duration::ZERO, Duration::from_secs(1)),
             wake.clone(),
             hand_over.clone(),
         );
