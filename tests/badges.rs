@@ -28,6 +28,16 @@ fn dovecot_with_badges(url: &str) -> Dovecot {
     .expect("starting a private Dovecot")
 }
 
+/// The sink, and a Dovecot taking badge events where alice subscribed (bob did not).
+fn alice_subscribed() -> (Sink, Dovecot) {
+    let sink = Sink::start();
+    let dovecot = dovecot_with_badges(&sink.url(None));
+    dovecot
+        .set_subscription("alice", Some("user=alice"))
+        .unwrap();
+    (sink, dovecot)
+}
+
 /// `(event, unseen)` of a request.
 fn event(r: &Request) -> (String, u64) {
     let body = r.json();
@@ -39,11 +49,7 @@ fn event(r: &Request) -> (String, u64) {
 
 #[test]
 fn fetching_a_body_and_setting_or_clearing_seen_are_read_events_other_flags_nothing() {
-    let sink = Sink::start();
-    let dovecot = dovecot_with_badges(&sink.url(None));
-    dovecot
-        .set_subscription("alice", Some("user=alice"))
-        .unwrap();
+    let (sink, dovecot) = alice_subscribed();
     let mut lmtp = dovecot.lmtp().unwrap();
     for n in 1..=2 {
         lmtp.deliver(
@@ -107,11 +113,7 @@ fn fetching_a_body_and_setting_or_clearing_seen_are_read_events_other_flags_noth
 
 #[test]
 fn unseen_mail_appended_copied_or_moved_in_is_an_append_event_seen_mail_nothing() {
-    let sink = Sink::start();
-    let dovecot = dovecot_with_badges(&sink.url(None));
-    dovecot
-        .set_subscription("alice", Some("user=alice"))
-        .unwrap();
+    let (sink, dovecot) = alice_subscribed();
     let mut lmtp = dovecot.lmtp().unwrap();
     lmtp.deliver(&["alice@example.com"], &messages::simple(1))
         .unwrap();

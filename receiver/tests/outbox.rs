@@ -109,7 +109,6 @@ async fn a_burst_of_badge_updates_is_one_silent_push_with_the_latest_count(backe
             .status,
         201
     );
-    let auth = notify_auth();
     // Four changes of one IMAP session; the last two crossed on the way, so the last to
     // arrive has the older count (and is dropped as stale).
     for (id, event, unseen, at) in [
@@ -118,20 +117,7 @@ async fn a_burst_of_badge_updates_is_one_silent_push_with_the_latest_count(backe
         ("r4", "messageRead", 1, 1_764_000_000_004),
         ("r3", "messageExpunge", 2, 1_764_000_000_003),
     ] {
-        let body = format!(
-            r#"{{"user":"alice","event":"{event}","folder":"INBOX","imap-uidvalidity":1,"imap-uid":{unseen},"unseen":{unseen},"event-time-ms":{at}}}"#
-        );
-        let reply = request(
-            r.addr,
-            "PUT",
-            NOTIFY_PATH,
-            &[
-                ("authorization", auth.as_str()),
-                ("x-dovepush-event-id", id),
-            ],
-            body,
-        )
-        .await;
+        let reply = notify_badge(r.addr, "alice", event, unseen, Some(at), id).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
     eventually("a badge push", || !transport.pushes().is_empty()).await;

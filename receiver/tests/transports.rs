@@ -161,33 +161,6 @@ async fn notify_encoded(r: &Running, user: &str, uid: u32, unseen: u32) {
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
 
-/// A badge event (`messageRead`, `messageExpunge`, `messageAppend`) as the plugin in imap
-/// sends it.
-async fn notify_badge(r: &Running, id: &str, event: &str, unseen: u32, at_ms: u64) {
-    let body = json!({
-        "user": "alice",
-        "event": event,
-        "folder": "INBOX",
-        "imap-uidvalidity": 1655200000u32,
-        "imap-uid": 9,
-        "unseen": unseen,
-        "event-time-ms": at_ms,
-    });
-    let auth = notify_auth();
-    let reply = request(
-        r.addr,
-        "PUT",
-        NOTIFY_PATH,
-        &[
-            ("authorization", auth.as_str()),
-            ("x-dovepush-event-id", id),
-        ],
-        body.to_string(),
-    )
-    .await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
-}
-
 async fn metrics(r: &Running) -> String {
     admin_get(r.addr, "/metrics").await.text()
 }
@@ -223,8 +196,9 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-async fn one_push_per_device_with_decoded_subject_and_unseen_badge(backend: Backend) {
-    let p = Providers::start(backend).await;
+/// A receiver whose app `mail` (privacy `full`) has APNs (key A) and FCM, where alice
+/// has one device of each: `a1b2c3d4` and `fcm-alice-1`.
+async fn alice_on_apns_and_fcm(p: &Providers) -> Running {
     let r = p
         .receiver(&format!(
             "privacy = \"full\"\n{}{}",
@@ -234,6 +208,12 @@ async fn one_push_per_device_with_decoded_subject_and_unseen_badge(backend: Back
         .await;
     register_device(&r, "alice", "alice-pw", "mail", "apns", "a1b2c3d4", None).await;
     register_device(&r, "alice", "alice-pw", "mail", "fcm", "fcm-alice-1", None).await;
+    r
+}
+
+async fn one_push_per_device_with_decoded_subject_and_unseen_badge(backend: Backend) {
+    let p = Providers::start(backend).await;
+    let r = alice_on_apns_and_fcm(&p).await;
     notify_encoded(&r, "alice", 1, 3).await;
 
     eventually("one APNs and one FCM push", || {
@@ -500,20 +480,17 @@ async fn privacy_modes_reach_the_providers_as_specified(backend: Backend) {
 /// push with the latest count, whatever its privacy mode, with nothing to display.
 async fn badge_updates_reach_both_providers_as_silent_pushes_with_the_count(backend: Backend) {
     let p = Providers::start(backend).await;
-    let r = p
-        .receiver(&format!(
-            "privacy = \"full\"\n{}{}",
-            p.apns_table("com.example.mail", &p.key_a, "AuthKey_A.p8"),
-            p.fcm_table()
-        ))
-        .await;
-    register_device(&r, "alice", "alice-pw", "mail", "apns", "a1b2c3d4", None).await;
-    register_device(&r, "alice", "alice-pw", "mail", "fcm", "fcm-alice-1", None).await;
+    let r = alice_on_apns_and_fcm(&p).await;
     // A burst, as one IMAP session gives it: within the badge wait, one push per device.
     let at = now_ms();
-    notify_badge(&r, "b1", "messageRead", 4, at).await;
-    notify_badge(&r, "b2", "messageExpunge", 3, at + 1).await;
-    notify_badge(&r, "b3", "messageAppend", 5, at + 2).await;
+    for (id, event, unseen, at) in [
+        ("b1", "messageRead", 4, at),
+        ("b2", "messageExpunge", 3, at + 1),
+        ("b3", "messageAppend", 5, at + 2),
+    ] {
+        let reply = notify_badge(r.addr, "alice", event, unseen, Some(at), id).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
     eventually("one APNs and one FCM badge push", || {
         p.apns.request_count() >= 1 && p.fcm.request_count() >= 1
     })

@@ -326,21 +326,7 @@ async fn a_browser_registered_with_the_mail_password_gets_the_mail_encrypted() {
 
     // The mail is read in another client: the plugin in imap would send a badge event.
     // The browser gets the count alone, encrypted as well.
-    let badge = json!({
-        "user": "alice", "event": "messageRead", "folder": "INBOX",
-        "imap-uidvalidity": 1, "imap-uid": 1, "unseen": 0,
-    });
-    let reply = request(
-        addr,
-        "PUT",
-        NOTIFY_PATH,
-        &[
-            ("authorization", notify_auth().as_str()),
-            ("x-dovepush-event-id", "read-1"),
-        ],
-        badge.to_string(),
-    )
-    .await;
+    let reply = notify_badge(addr, "alice", "messageRead", 0, None, "read-1").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     eventually("a Web Push badge update", || {
         push_service.requests().len() >= 2

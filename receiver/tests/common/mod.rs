@@ -504,6 +504,41 @@ pub async fn notify(
     .await
 }
 
+/// Sends a badge event (`messageRead`, `messageExpunge`, `messageAppend`) for `user`'s
+/// INBOX as the plugin in imap does, with its commit time if given; returns the reply.
+pub async fn notify_badge(
+    addr: SocketAddr,
+    user: &str,
+    event: &str,
+    unseen: u32,
+    time_ms: Option<u64>,
+    event_id: &str,
+) -> Reply {
+    let mut body = serde_json::json!({
+        "user": user,
+        "event": event,
+        "folder": "INBOX",
+        "imap-uidvalidity": 1655200000u32,
+        "imap-uid": 9,
+        "unseen": unseen,
+    });
+    if let Some(at) = time_ms {
+        body["event-time-ms"] = at.into();
+    }
+    let auth = notify_auth();
+    request(
+        addr,
+        "PUT",
+        NOTIFY_PATH,
+        &[
+            ("authorization", auth.as_str()),
+            ("x-dovepush-event-id", event_id),
+        ],
+        body.to_string(),
+    )
+    .await
+}
+
 /// Registers a device as `user`.
 pub async fn register(addr: SocketAddr, user: &str, password: &str, token: &str) -> Reply {
     let auth = basic(user, password);
