@@ -101,8 +101,10 @@ async fn a_burst_of_badge_updates_is_one_silent_push_with_the_latest_count(backe
     let dir = tempfile::tempdir().unwrap();
     let transport = RecordingTransport::new();
     let transports = Transports::new().with_kind(DeviceKind::Apns, transport.clone());
-    // The default coalesce_milliseconds (0): badge updates wait their own second.
-    let r = Running::start(config_on(dir.path(), "", backend), transports, users()).await;
+    // coalesce_milliseconds 0: badge updates wait their own time (3 s here, so that the
+    // four requests fall within it also on a slow machine).
+    let cfg = config_with(dir.path(), &[("badge_wait_milliseconds", "3000")], backend);
+    let r = Running::start(cfg, transports, users()).await;
     assert_eq!(
         register(r.addr, "alice", "alice-pw", "alice-tok")
             .await
@@ -316,7 +318,15 @@ async fn items_past_the_deadline_are_dropped_and_counted(backend: Backend) {
         reason: "503".into(),
         retry_after: None,
     });
-    let cfg = config_with(dir.path(), &[("deadline_seconds", "1")], backend);
+    // A deadline must be longer than the badge wait (default 1 s).
+    let cfg = config_with(
+        dir.path(),
+        &[
+            ("deadline_seconds", "1"),
+            ("badge_wait_milliseconds", "500"),
+        ],
+        backend,
+    );
     let r = Running::start(
         cfg,
         Transports::new().with_kind(DeviceKind::Apns, transport.clone()),

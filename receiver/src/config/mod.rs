@@ -54,9 +54,9 @@ pub const DEFAULT_COALESCE_MILLISECONDS: u64 = 0;
 /// Default `[outbox] badge_wait_milliseconds`: how long a badge update waits at least for
 /// more events, so that a burst of reads is one push with the latest count.
 pub const DEFAULT_BADGE_WAIT_MILLISECONDS: u64 = 1000;
-/// Largest `[outbox] badge_wait_milliseconds` (a minute: a badge later than that is
-/// wrong for too long).
-pub const MAX_BADGE_WAIT_MILLISECONDS: u64 = 60_000;
+/// Largest `[outbox] coalesce_milliseconds` and `badge_wait_milliseconds` (a minute: a
+/// push later than that is late, and a badge wrong for too long).
+pub const MAX_WAIT_MILLISECONDS: u64 = 60_000;
 /// Default `[outbox] concurrency`: pushes in flight at once.
 pub const DEFAULT_CONCURRENCY: u64 = 64;
 /// `[server] header_read_timeout_seconds`: a client has this long to send a request's
@@ -906,7 +906,7 @@ master_password_file = "missing"
     }
 
     #[test]
-    fn badge_wait_is_set_in_milliseconds_up_to_a_minute() {
+    fn waits_are_milliseconds_up_to_a_minute_and_shorter_than_the_deadline() {
         let c = parse(&format!(
             "{MINIMAL}\n[outbox]\nbadge_wait_milliseconds = 250\n"
         ))
@@ -923,6 +923,19 @@ master_password_file = "missing"
         .unwrap_err();
         assert_eq!(keys(&err), vec!["outbox.badge_wait_milliseconds"]);
         assert!(err.to_string().contains("at most 60000"), "{err}");
+        let err = parse(&format!(
+            "{MINIMAL}\n[outbox]\ncoalesce_milliseconds = 9223372036854775807\n"
+        ))
+        .unwrap_err();
+        assert_eq!(keys(&err), vec!["outbox.coalesce_milliseconds"]);
+        // A deadline no longer than a wait would drop every such item unsent.
+        let err = parse(&format!("{MINIMAL}\n[outbox]\ndeadline_seconds = 1\n")).unwrap_err();
+        assert_eq!(keys(&err), vec!["outbox.deadline_seconds"]);
+        let c = parse(&format!(
+            "{MINIMAL}\n[outbox]\ndeadline_seconds = 1\nbadge_wait_milliseconds = 500\n"
+        ))
+        .unwrap();
+        assert_eq!(c.outbox.deadline, Duration::from_secs(1));
     }
 
     /// A P-256 key in PKCS#8 PEM, like Apple's `.p8`.

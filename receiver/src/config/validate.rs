@@ -611,24 +611,44 @@ pub(super) fn check(
         c.problems
             .bad("outbox.concurrency", "must be between 1 and 10000");
     }
+    let coalesce = outbox
+        .coalesce_milliseconds
+        .unwrap_or(DEFAULT_COALESCE_MILLISECONDS);
+    if coalesce > MAX_WAIT_MILLISECONDS {
+        c.problems.bad(
+            "outbox.coalesce_milliseconds",
+            format!("must be at most {MAX_WAIT_MILLISECONDS}"),
+        );
+    }
     let badge_wait = outbox
         .badge_wait_milliseconds
         .unwrap_or(DEFAULT_BADGE_WAIT_MILLISECONDS);
-    if badge_wait > MAX_BADGE_WAIT_MILLISECONDS {
+    if badge_wait > MAX_WAIT_MILLISECONDS {
         c.problems.bad(
             "outbox.badge_wait_milliseconds",
-            format!("must be at most {MAX_BADGE_WAIT_MILLISECONDS}"),
+            format!("must be at most {MAX_WAIT_MILLISECONDS}"),
+        );
+    }
+    // An item older than the deadline is dropped unsent: no wait may reach it (a wait
+    // out of bounds is reported above already).
+    let longest_wait = coalesce.max(badge_wait);
+    if deadline > 0
+        && longest_wait <= MAX_WAIT_MILLISECONDS
+        && deadline.saturating_mul(1000) <= longest_wait
+    {
+        c.problems.bad(
+            "outbox.deadline_seconds",
+            format!(
+                "must be longer than the outbox's waits ({longest_wait} ms: \
+                 `outbox.coalesce_milliseconds`, `outbox.badge_wait_milliseconds`)"
+            ),
         );
     }
     let outbox = OutboxConfig {
         retry_initial: Duration::from_secs(retry_initial),
         retry_max: Duration::from_secs(retry_max),
         deadline: Duration::from_secs(deadline),
-        coalesce: Duration::from_millis(
-            outbox
-                .coalesce_milliseconds
-                .unwrap_or(DEFAULT_COALESCE_MILLISECONDS),
-        ),
+        coalesce: Duration::from_millis(coalesce),
         badge_wait: Duration::from_millis(badge_wait),
         concurrency: concurrency as usize,
     };

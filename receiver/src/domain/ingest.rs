@@ -104,8 +104,9 @@ impl Ingest {
                 coalesced = outcome.coalesced,
                 "Notification queued."
             );
-            // The items written in flight are with the dispatcher already.
-            if outcome.queued > outcome.handed_over {
+            // The items written in flight are with the dispatcher already; an item that
+            // absorbed this event may have to leave sooner than the dispatcher planned.
+            if outcome.queued > outcome.handed_over || outcome.advanced > 0 {
                 self.wake.notify_one();
             }
         }

@@ -45,6 +45,9 @@ pub struct IngestOutcome {
     pub queued: u32,
     /// Pending outbox items that absorbed the event instead.
     pub coalesced: u32,
+    /// Of those, items whose send time moved earlier: a new-mail alert folded into a
+    /// badge update still waiting (an item in backoff keeps its retry time).
+    pub advanced: u32,
     /// New items (counted in `queued`) written in flight, for the dispatcher.
     pub handed_over: u32,
     /// A badge update older (by `event-time-ms`) than one committed before for the same

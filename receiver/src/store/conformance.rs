@@ -38,7 +38,8 @@ macro_rules! store_conformance_tests {
             idle_devices_go_with_their_items_refreshed_ones_stay,
             in_flight_items_survive_reopen,
             remove_and_queue_commands,
-            a_badge_event_older_than_one_taken_is_stale
+            a_badge_event_older_than_one_taken_is_stale,
+            new_mail_folded_into_a_waiting_badge_update_leaves_at_its_own_time
         );
     };
     ($backend:ty; $($name:ident),*) => {
@@ -133,6 +134,35 @@ fn reg(user: &str, token: &str, mailboxes: &[&str]) -> DeviceRegistration {
 }
 
 /// Ingests `event`, due at `due_at`, with room for `limit` items in flight.
+pub(crate) async fn new_mail_folded_into_a_waiting_badge_update_leaves_at_its_own_time<
+    B: Backend,
+>(
+    b: &B,
+) {
+    let s = b.open().await;
+    s.register_device(reg("alice", "t1", &["INBOX"]), 1)
+        .await
+        .unwrap();
+    // A read waits a second for more; a new mail comes in meanwhile, due at once.
+    let read = ingest(&s, badge("alice", "r1", 3, 1_000, 10), 1_010, 1).await;
+    assert!(read.in_flight.is_empty());
+    assert_eq!(s.next_due_at().await.unwrap(), Some(1_010));
+    let o = ingest(&s, event("alice", Some("e1"), 4, 20), 20, 0)
+        .await
+        .result
+        .unwrap();
+    assert_eq!((o.queued, o.coalesced, o.advanced), (0, 1, 1));
+    assert_eq!(s.next_due_at().await.unwrap(), Some(20));
+    // Another read after it does not hold the alert back again.
+    let o = ingest(&s, badge("alice", "r2", 2, 1_030, 30), 1_030, 0)
+        .await
+        .result
+        .unwrap();
+    assert_eq!((o.coalesced, o.advanced), (1, 0));
+    assert_eq!(s.next_due_at().await.unwrap(), Some(20));
+    assert_eq!(depth(&s).await, 1);
+}
+
 async fn ingest(s: &impl Store, event: NewMailEvent, due_at: i64, limit: usize) -> Ingested {
     s.ingest(event, due_at, limit).await
 }

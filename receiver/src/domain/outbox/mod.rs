@@ -26,6 +26,18 @@ use crate::telemetry::FailureClass;
 pub use dispatcher::{Dispatcher, CLAIM_BATCH, SEND_TIMEOUT};
 pub use hand_over::HandOver;
 
+/// When a pending item that absorbs an event is sent: the earlier of its own time and the
+/// event's (so that a new-mail alert folded into a badge update still waiting for more
+/// leaves when an alert of its own would), unless it has been tried already: an item in
+/// backoff keeps its retry time.
+pub fn folded_due_at(attempts: i64, pending_due_at: i64, event_due_at: i64) -> i64 {
+    if attempts == 0 {
+        pending_due_at.min(event_due_at)
+    } else {
+        pending_due_at
+    }
+}
+
 /// Retry timing.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryPolicy {
@@ -315,5 +327,12 @@ mod tests {
         assert_eq!(d.app_id, "mail");
         assert_eq!(d.kind, DeviceKind::Apns);
         assert_eq!(d.privacy, Some(dovepush_push::Privacy::Full));
+    }
+
+    #[test]
+    fn a_folded_event_brings_an_untried_item_forward_never_a_retry() {
+        assert_eq!(folded_due_at(0, 2_000, 500), 500);
+        assert_eq!(folded_due_at(0, 500, 2_000), 500);
+        assert_eq!(folded_due_at(3, 9_000, 500), 9_000);
     }
 }

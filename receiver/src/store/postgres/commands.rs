@@ -16,6 +16,7 @@ use super::{get, schema, Fail};
 use crate::domain::device::{wants_folder, DeviceRegistration};
 use crate::domain::event::{NewMailEvent, PushContent};
 use crate::domain::now_millis;
+use crate::domain::outbox::folded_due_at;
 use crate::domain::store::{
     CompleteOutcome, Completed, Completion, IdleDevice, IdleRemoval, IngestOutcome, OutboxItem,
     RegisterOutcome, RemoveOutcome, StoreError,
@@ -194,7 +195,8 @@ async fn ingest_in(
             .await?;
         let pending = tx
             .prepare_cached(
-                "SELECT id, content FROM outbox WHERE device_id = $1 AND state = 0 FOR UPDATE",
+                "SELECT id, content, attempts, due_at FROM outbox \
+                 WHERE device_id = $1 AND state = 0 FOR UPDATE",
             )
             .await?;
         let mut tries = 0;
@@ -210,12 +212,20 @@ async fn ingest_in(
                 let item_id: i64 = row.get(0);
                 let old = from_json(item_id, row.get(1))?;
                 let merged = old.absorb(content.clone());
+                let (attempts, old_due_at): (i32, i64) = (row.get(2), row.get(3));
+                let new_due_at = folded_due_at(i64::from(attempts), old_due_at, due_at);
                 let fold = tx
-                    .prepare_cached("UPDATE outbox SET content = $2, created_at = $3 WHERE id = $1")
+                    .prepare_cached(
+                        "UPDATE outbox SET content = $2, created_at = $3, due_at = $4 WHERE id = $1",
+                    )
                     .await?;
-                tx.execute(&fold, &[&item_id, &to_json(&merged), &received_at])
-                    .await?;
+                tx.execute(
+                    &fold,
+                    &[&item_id, &to_json(&merged), &received_at, &new_due_at],
+                )
+                .await?;
                 outcome.coalesced += 1;
+                outcome.advanced += u32::from(new_due_at < old_due_at);
                 break;
             }
             tries += 1;

@@ -8,6 +8,7 @@ use tokio::sync::oneshot;
 use super::schema::device_from_row;
 use crate::domain::device::{wants_folder, DeviceRegistration, RegisteredDevice};
 use crate::domain::event::{NewMailEvent, PushContent};
+use crate::domain::outbox::folded_due_at;
 use crate::domain::store::{
     CompleteOutcome, Completed, Completion, IdleDevice, IdleRemoval, IngestOutcome, Ingested,
     OutboxItem, RegisterOutcome, RemoveOutcome, StoreError,
@@ -389,20 +390,29 @@ fn exec_ingest(
             delta += 1;
             continue;
         }
-        let pending: Option<(i64, String)> = conn
-            .prepare_cached("SELECT id, content FROM outbox WHERE device_id = ?1 AND state = 0")?
-            .query_row([device_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        let pending: Option<(i64, String, i64, i64)> = conn
+            .prepare_cached(
+                "SELECT id, content, attempts, due_at FROM outbox WHERE device_id = ?1 AND state = 0",
+            )?
+            .query_row([device_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .optional()?;
         match pending {
-            Some((item_id, old)) => {
+            Some((item_id, old, attempts, old_due_at)) => {
                 let old: PushContent = serde_json::from_str(&old)
                     .map_err(|e| StoreError::Corrupt(format!("outbox item {item_id}: {e}")))?;
                 let merged = old.absorb(content.clone());
+                let new_due_at = folded_due_at(attempts, old_due_at, due_at);
                 conn.prepare_cached(
-                    "UPDATE outbox SET content = ?2, created_at = ?3 WHERE id = ?1",
+                    "UPDATE outbox SET content = ?2, created_at = ?3, due_at = ?4 WHERE id = ?1",
                 )?
-                .execute(params![item_id, to_json(&merged), received_at])?;
+                .execute(params![
+                    item_id,
+                    to_json(&merged),
+                    received_at,
+                    new_due_at
+                ])?;
                 outcome.coalesced += 1;
+                outcome.advanced += u32::from(new_due_at < old_due_at);
             }
             None => {
                 return Err(StoreError::Database(format!(
