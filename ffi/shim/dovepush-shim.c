@@ -317,15 +317,20 @@ static void dovepush_change_commit(struct dovepush_txn *txn,
 	struct mailbox_status status;
 	struct seq_range_iter iter;
 	const char *error;
-	uint32_t unseen, uid;
+	uint32_t unseen, uid, not_indexed;
 
-	/* saved_uids lists the UIDs in save order (as COPYUID does); the
-	   storage may have assigned none (then the count alone goes). */
+	/* saved_uids lists the UIDs in save order (as COPYUID does). A storage
+	   that assigned none at commit (imap's APPEND and COPY ask it to) has
+	   not indexed the mails either: they are counted on top below. */
+	not_indexed = 0;
 	if (txn->facts.added_unseen > 0) {
 		seq_range_array_iter_init(&iter, &changes->saved_uids);
-		if (seq_range_array_iter_nth(&iter, txn->last_unseen_save, &uid) &&
-		    uid > txn->facts.last_uid)
-			txn->facts.last_uid = uid;
+		if (seq_range_array_iter_nth(&iter, txn->last_unseen_save, &uid)) {
+			if (uid > txn->facts.last_uid)
+				txn->facts.last_uid = uid;
+		} else if (seq_range_count(&changes->saved_uids) == 0) {
+			not_indexed = txn->facts.added_unseen;
+		}
 	}
 	T_BEGIN {
 		mailbox_get_open_status(txn->box, STATUS_UIDVALIDITY, &status);
@@ -335,6 +340,7 @@ static void dovepush_change_commit(struct dovepush_txn *txn,
 		   command): take this transaction's off. */
 		if (dovepush_shim_mailbox_unseen(txn->box, &unseen, &error) == 0) {
 			txn->facts.unseen_known = TRUE;
+			unseen += not_indexed;
 			txn->facts.unseen =
 				unseen > txn->facts.expunged_unseen ?
 				unseen - txn->facts.expunged_unseen : 0;

@@ -269,7 +269,8 @@ impl TryFrom<RawNotification> for Notification {
                 FieldError::new(
                     "event",
                     format!(
-                        "unsupported event {name:?}: \"messageNew\", \"messageRead\" and \"messageExpunge\" are handled"
+                        "unsupported event {name:?}: \"messageNew\", \"messageRead\", \
+                         \"messageExpunge\" and \"messageAppend\" are handled"
                     ),
                 )
             })?,

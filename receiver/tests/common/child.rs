@@ -77,18 +77,27 @@ pub fn spawn_receiver_logging(config: &Path, log: &Path, level: &str) -> (Child,
         .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
     // Keep draining stdout so the child never blocks on it.
     std::thread::spawn(move || for _ in lines.by_ref() {});
-    wait_until_serving(addr);
+    wait_until_serving(&mut child, addr, log);
     (child, addr)
 }
 
 /// Blocks until the receiver answers `GET /healthz`: the line on stdout comes when the
 /// port is bound, before the store is open, and a test that fills the disk or kills the
-/// receiver right away must not race the start-up.
-fn wait_until_serving(addr: SocketAddr) {
+/// receiver right away must not race the start-up. Panics with its log if it exits or
+/// is not serving within 60 s.
+fn wait_until_serving(child: &mut Child, addr: SocketAddr, log: &Path) {
     use std::io::{Read, Write};
-    for _ in 0..600 {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "the receiver exited ({status}) before serving:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
         if let Ok(mut stream) = std::net::TcpStream::connect(addr) {
-            let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
             let asked = stream.write_all(
                 b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
             );
@@ -100,9 +109,12 @@ fn wait_until_serving(addr: SocketAddr) {
                 return;
             }
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("the receiver at {addr} never answered /healthz");
+    panic!(
+        "the receiver at {addr} did not answer /healthz within 60 s:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
 }
 
 /// Sends notification `ev-n` for user `un` for each `n` of `ids` over `connections`
