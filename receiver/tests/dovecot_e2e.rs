@@ -370,11 +370,13 @@ async fn reads_and_expunges_in_imap_become_silent_badge_pushes() {
     .unwrap();
     let news = ox.wait_for(5, std::time::Duration::from_secs(20));
     assert_eq!(news.len(), 5, "{}", dovecot.log());
-    let metrics = outbox_settled(addr).await;
-    assert!(
-        metrics.contains("dovepush_ingested_events_total{event=\"messageNew\"} 5\n"),
-        "{metrics}"
-    );
+    // The service sends to both endpoints at once: the ox one having all 5 says nothing
+    // about this one.
+    settled_showing(
+        addr,
+        &["dovepush_ingested_events_total{event=\"messageNew\"} 5\n"],
+    )
+    .await;
     let alerts = apns.requests().len();
     assert!(alerts >= 1);
 
@@ -409,17 +411,16 @@ async fn reads_and_expunges_in_imap_become_silent_badge_pushes() {
             .is_some_and(|r| badge_of(r) == Some(u64::from(unseen)))
     })
     .await;
-    let metrics = outbox_settled(addr).await;
-    // One IMAP command, one event: the STORE of 3 mails is one messageRead.
-    for (event, count) in [("messageRead", 1), ("messageExpunge", 2)] {
-        assert!(
-            metrics.contains(&format!(
-                "dovepush_ingested_events_total{{event=\"{event}\"}} {count}\n"
-            )),
-            "{event}: {metrics}\n{}",
-            dovecot.log()
-        );
-    }
+    // One IMAP command, one event: the STORE of 3 mails is one messageRead. (The last
+    // badge says the MOVE's event is in; the others may arrive after it, as stale.)
+    let metrics = settled_showing(
+        addr,
+        &[
+            "dovepush_ingested_events_total{event=\"messageRead\"} 1\n",
+            "dovepush_ingested_events_total{event=\"messageExpunge\"} 2\n",
+        ],
+    )
+    .await;
     let requests = apns.requests();
     let badges = &requests[alerts..];
     assert!(!badges.is_empty());

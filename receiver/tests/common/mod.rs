@@ -564,6 +564,24 @@ pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until the receiver's metrics show every one of `lines` (whole lines, with their
+/// newline) and its outbox is empty: for events sent by a process the test does not wait
+/// on (the sender service sends to its endpoints concurrently).
+pub async fn settled_showing(addr: SocketAddr, lines: &[&str]) -> String {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let m = admin_get(addr, "/metrics").await.text();
+        if m.contains("dovepush_outbox_depth 0\n") && lines.iter().all(|l| m.contains(l)) {
+            return m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {lines:?} and an empty outbox:\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until the receiver's outbox is empty (`dovepush_outbox_depth 0`): every push it
 /// had to send has been sent and its outcome recorded, so nothing more is pushed until the
 /// next event. Returns the metrics text. (Sleeping a while would only make that likely.)
