@@ -611,24 +611,26 @@ pub(super) fn check(
         c.problems
             .bad("outbox.concurrency", "must be between 1 and 10000");
     }
-    let coalesce = outbox
-        .coalesce_milliseconds
-        .unwrap_or(DEFAULT_COALESCE_MILLISECONDS);
-    if coalesce > MAX_WAIT_MILLISECONDS {
-        c.problems.bad(
-            "outbox.coalesce_milliseconds",
-            format!("must be at most {MAX_WAIT_MILLISECONDS}"),
-        );
-    }
-    let badge_wait = outbox
-        .badge_wait_milliseconds
-        .unwrap_or(DEFAULT_BADGE_WAIT_MILLISECONDS);
-    if badge_wait > MAX_WAIT_MILLISECONDS {
-        c.problems.bad(
-            "outbox.badge_wait_milliseconds",
-            format!("must be at most {MAX_WAIT_MILLISECONDS}"),
-        );
-    }
+    let mut wait = |key: &str, value: Option<u64>, default: u64| {
+        let value = value.unwrap_or(default);
+        if value > MAX_WAIT_MILLISECONDS {
+            c.problems.bad(
+                format!("outbox.{key}"),
+                format!("must be at most {MAX_WAIT_MILLISECONDS}"),
+            );
+        }
+        value
+    };
+    let coalesce = wait(
+        "coalesce_milliseconds",
+        outbox.coalesce_milliseconds,
+        DEFAULT_COALESCE_MILLISECONDS,
+    );
+    let badge_wait = wait(
+        "badge_wait_milliseconds",
+        outbox.badge_wait_milliseconds,
+        DEFAULT_BADGE_WAIT_MILLISECONDS,
+    );
     // An item older than the deadline is dropped unsent: no wait may reach it (a wait
     // out of bounds is reported above already).
     let longest_wait = coalesce.max(badge_wait);
