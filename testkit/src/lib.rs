@@ -30,12 +30,24 @@ pub mod postgres;
 pub mod procfs;
 pub mod sink;
 
+use std::collections::HashSet;
 use std::net::TcpListener;
+use std::sync::Mutex;
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, and not handed out before by this
+/// process: the kernel may give a released port again at once, and two listeners of one
+/// test (a Dovecot's imap and the doveadm port a test picked) must not get the same.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0")
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("binding 127.0.0.1:0");
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
