@@ -161,7 +161,8 @@ pub async fn run_with_directory(
         ingest: Ingest::new(
             store.clone(),
             metrics.clone(),
-            (config.outbox.coalesce, config.outbox.badge_wait),
+            config.outbox.coalesce,
+            config.outbox.badge_wait,
             wake.clone(),
             hand_over.clone(),
         ),

@@ -51,7 +51,8 @@ impl Ingest {
     pub fn new(
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
-        (coalesce, badge_wait): (Duration, Duration),
+        coalesce: Duration,
+        badge_wait: Duration,
         wake: Arc<Notify>,
         hand_over: HandOver,
     ) -> Self {
@@ -235,7 +236,8 @@ mod tests {
         let ingest = Ingest::new(
             store,
             metrics.clone(),
-            (Duration::ZERO, Duration::from_secs(1)),
+            Duration::ZERO,
+            Duration::from_secs(1),
             wake.clone(),
             hand_over.clone(),
         );

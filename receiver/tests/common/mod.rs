@@ -586,18 +586,7 @@ pub async fn settled_showing(addr: SocketAddr, lines: &[&str]) -> String {
 /// had to send has been sent and its outcome recorded, so nothing more is pushed until the
 /// next event. Returns the metrics text. (Sleeping a while would only make that likely.)
 pub async fn outbox_settled(addr: SocketAddr) -> String {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let m = admin_get(addr, "/metrics").await.text();
-        if m.contains("dovepush_outbox_depth 0\n") {
-            return m;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for an empty outbox:\n{m}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    settled_showing(addr, &[]).await
 }
 
 /// A mock APNs (HTTP/2 + TLS, checking provider tokens) and the `[[apps]]` keys of app

@@ -34,8 +34,8 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     },
 ];
 
-/// Badge events (`messageRead`, `messageExpunge`, `messageAppend`) keep when Dovecot committed them, so
-/// that a later-arriving older one is known as stale.
+/// Badge events (`messageRead`, `messageExpunge`, `messageAppend`) keep when Dovecot
+/// committed them, so that a later-arriving older one is known as stale.
 const V3: &str = "
 ALTER TABLE events ADD COLUMN time_ms BIGINT;
 CREATE INDEX events_badge_time ON events (login, folder, time_ms) WHERE time_ms IS NOT NULL;

@@ -29,8 +29,8 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     },
 ];
 
-/// Badge events (`messageRead`, `messageExpunge`, `messageAppend`) keep when Dovecot committed them, so
-/// that a later-arriving older one is known as stale.
+/// Badge events (`messageRead`, `messageExpunge`, `messageAppend`) keep when Dovecot
+/// committed them, so that a later-arriving older one is known as stale.
 const SCHEMA_V3: &str = "
 ALTER TABLE events ADD COLUMN time_ms INTEGER;
 CREATE INDEX events_badge_time ON events (user, folder, time_ms) WHERE time_ms IS NOT NULL;
